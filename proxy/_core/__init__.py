@@ -1,0 +1,5 @@
+"""Compiled hot-path modules (built from the top-level `_core/*.pyx` sources).
+
+- `splice`: one-direction L4 byte pumps (splice(2) through a pipe, or recv/send).
+- `sockops`: accept/connect/shutdown/close on plain int fds.
+"""

@@ -1,0 +1,108 @@
+"""The `meshproxy` command: argument parsing, then config loading and the right runner.
+
+Exit codes: 0 ok, 1 bad config or input, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .config import Address, ConfigError, load_config
+from .errors import UsageError
+from .logs import LEVELS, setup_logging
+
+COMMANDS = ("run", "check", "demo-upstream")
+
+
+def _address(text: str) -> Address:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise argparse.ArgumentTypeError(f"must be host:port, got {text!r}")
+    return Address(host.strip("[]"), int(port))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshproxy",
+        description="A service-mesh sidecar proxy. `meshproxy --config FILE` runs a sidecar.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a sidecar (the default command)")
+    run.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
+    run.add_argument("--log-level", choices=LEVELS, default="info")
+
+    check = commands.add_parser("check", help="validate a config file and print every error")
+    check.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
+
+    upstream = commands.add_parser("demo-upstream", help="run a tiny HTTP origin for trying meshproxy out")
+    upstream.add_argument("--address", type=_address, default=Address("127.0.0.1", 9001),
+                          help="host:port to listen on (default 127.0.0.1:9001)")
+    upstream.add_argument("--name", default="demo-upstream", help="name it answers with")
+    upstream.add_argument("--log-level", choices=LEVELS, default="info")
+
+    for sub in (run, check, upstream):
+        sub.add_argument("--version", action="version", version=f"meshproxy {__version__}")
+    return parser
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """`meshproxy --config FILE` means `meshproxy run --config FILE`."""
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        return ["run", *argv]
+    return argv
+
+
+def _load(path: str) -> object:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid config ({len(exc.errors)} error(s)):", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error.path or '(top)'}: {error.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+
+    if args.command == "check":
+        config = _load(args.config)
+        print(f"{args.config}: ok ({len(config.listeners)} listener(s), {len(config.clusters)} cluster(s))")
+        raise SystemExit(0)
+
+    setup_logging(args.log_level, "supervisor" if args.command == "run" else args.command)
+    try:
+        if args.command == "run":
+            from . import supervisor
+
+            config = _load(args.config)
+            raise SystemExit(supervisor.run(config, args.log_level))
+        if args.command == "demo-upstream":
+            import trio
+
+            from .demo.upstream import serve
+
+            try:
+                trio.run(serve, args.address, args.name)
+            except KeyboardInterrupt:
+                pass
+            raise SystemExit(0)
+    except UsageError as exc:
+        logging.getLogger("meshproxy").error("%s", exc)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        logging.getLogger("meshproxy").error("%s", exc)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

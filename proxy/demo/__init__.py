@@ -1,0 +1,1 @@
+"""Small services shipped with meshproxy for the quickstart and the demo."""

@@ -1,0 +1,34 @@
+"""Errors that carry who failed and what the client should see.
+
+A proxy-made reply names its cause with an `x-meshproxy-error` code (DESIGN,
+"Errors users see"); the same code goes to logs and metrics. Local errors are
+raised where the decision is made and turned into a reply (or, on an L4
+listener, a close) at the edge.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """A failure the proxy reports to the client: `status` and `code` say how."""
+
+    status: int = 502
+    code: str = "proxy_error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class UpstreamConnectError(ProxyError):
+    """No connection to any endpoint: refused, timed out or unreachable."""
+
+    status = 502
+    code = "connect_failed"
+
+
+class UsageError(Exception):
+    """A user mistake outside the config file (bad flag, unreadable file, port in use)."""

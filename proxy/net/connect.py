@@ -1,0 +1,71 @@
+"""Non-blocking upstream connects on plain fds, with a deadline per attempt."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+
+import trio
+
+from .._core import sockops
+from ..config import Address
+from ..errors import UpstreamConnectError
+
+_REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET}
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def resolve(address: Address) -> str:
+    """An IP literal for `address.host` (hostnames are resolved on every call)."""
+    if is_ip_literal(address.host):
+        return address.host
+    try:
+        infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UpstreamConnectError(f"cannot resolve {address.host}: {exc}", code="dns_failed") from exc
+    return infos[0][4][0]
+
+
+async def connect(address: Address, timeout: float) -> int:
+    """Connect to `address` within `timeout` seconds; the caller owns the fd.
+
+    Raises UpstreamConnectError with code `connect_refused`, `connect_timeout`
+    or `connect_failed`.
+    """
+    host = await resolve(address)
+    try:
+        fd, in_progress = sockops.connect_nonblocking(host, address.port)
+    except OSError as exc:
+        raise _connect_error(address, exc.errno) from exc
+    if not in_progress:
+        return fd
+    try:
+        with trio.move_on_after(timeout) as scope:
+            await trio.lowlevel.wait_writable(fd)
+    except BaseException:
+        sockops.close_fd(fd)
+        raise
+    if scope.cancelled_caught:
+        sockops.close_fd(fd)
+        raise UpstreamConnectError(
+            f"connect to {address} timed out after {timeout:g}s", code="connect_timeout"
+        )
+    err = sockops.socket_error(fd)
+    if err:
+        sockops.close_fd(fd)
+        raise _connect_error(address, err)
+    return fd
+
+
+def _connect_error(address: Address, err: int | None) -> UpstreamConnectError:
+    code = "connect_refused" if err in _REFUSED else "connect_failed"
+    reason = errno.errorcode.get(err or 0, str(err))
+    return UpstreamConnectError(f"connect to {address} failed: {reason}", code=code)

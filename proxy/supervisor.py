@@ -1,0 +1,226 @@
+"""The supervisor: binds the listeners, runs the workers, serves the admin plane.
+
+It never touches the data path. It starts `workers` processes, hands each its
+own SO_REUSEPORT socket per listener and the compiled config, restarts a worker
+that dies (with crash-loop backoff), and on SIGTERM/SIGINT drains: readiness
+turns 503, workers stop accepting and finish open connections up to
+`drain_timeout`, then everything exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+
+import trio
+
+from . import __version__, control
+from .admin import AdminApp, AdminRequest, AdminResponse, bind_admin, serve_admin
+from .config import Config
+from .net.listen import bind_listener, bound_address
+
+log = logging.getLogger("meshproxy.supervisor")
+
+# A worker that lived shorter than this is crash-looping: back off.
+STABLE_AFTER = 10.0
+BACKOFF_START = 0.1
+BACKOFF_MAX = 10.0
+# How long a new worker has to report Ready before it is killed and retried.
+READY_TIMEOUT = 30.0
+# Extra grace after drain_timeout before stragglers are killed.
+DRAIN_GRACE = 5.0
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    process: trio.Process | None = None
+    channel: control.ControlChannel | None = None
+    starts: int = 0
+    ready: trio.Event = field(default_factory=trio.Event)
+
+
+class Supervisor:
+    def __init__(self, config: Config, log_level: str) -> None:
+        self.config = config
+        self.log_level = log_level
+        self.worker_count = config.worker_count
+        self.slots = [WorkerSlot(i) for i in range(self.worker_count)]
+        # listener name -> one listening socket per worker
+        self.listen_sockets: dict[str, list[socket.socket]] = {}
+        self.draining = False
+        self.ready = False
+        self.restarts = 0
+        self.admin_app = AdminApp()
+        self.admin_app.route("GET", "/ready", self._get_ready)
+        self.admin_app.route("GET", "/live", self._get_live)
+
+    # -- admin handlers -------------------------------------------------
+    async def _get_ready(self, request: AdminRequest) -> AdminResponse:
+        if self.draining:
+            return AdminResponse.text(503, "draining\n")
+        if not self.ready:
+            return AdminResponse.text(503, "starting\n")
+        return AdminResponse.text(200, "ready\n")
+
+    async def _get_live(self, request: AdminRequest) -> AdminResponse:
+        return AdminResponse.text(200, "live\n")
+
+    # -- lifecycle --------------------------------------------------------
+    def bind(self) -> None:
+        """Bind every listener (raises UsageError on a taken address)."""
+        try:
+            for listener in self.config.listeners:
+                self.listen_sockets[listener.name] = bind_listener(listener.address, self.worker_count)
+        except BaseException:
+            self.close_listeners()
+            raise
+
+    def close_listeners(self) -> None:
+        for sockets in self.listen_sockets.values():
+            for sock in sockets:
+                sock.close()
+        self.listen_sockets.clear()
+
+    async def run(self) -> int:
+        """Serve until drained; returns the process exit code."""
+        admin_sockets = await bind_admin(self.config.admin.address)
+        admin_address = admin_sockets[0].getsockname()[:2]
+        listeners = ", ".join(
+            f"{name}={bound_address(socks[0])}" for name, socks in self.listen_sockets.items()
+        )
+        log.info(
+            "meshproxy %s starting: node %s, %d worker(s), listeners %s, admin %s:%d",
+            __version__, self.config.node.id, self.worker_count, listeners, *admin_address,
+        )
+        exit_code = 0
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_admin, self.admin_app, admin_sockets)
+                for slot in self.slots:
+                    nursery.start_soon(self._keep_running, slot)
+                nursery.start_soon(self._report_ready)
+                async for signum in signals:
+                    if self.draining:
+                        log.warning("%s again: exiting now", signal.Signals(signum).name)
+                        self._kill_workers()
+                        exit_code = 1
+                        nursery.cancel_scope.cancel()
+                        break
+                    log.info("%s: draining (up to %gs)", signal.Signals(signum).name,
+                             self.config.drain_timeout)
+                    nursery.start_soon(self._drain, nursery.cancel_scope)
+        self.close_listeners()
+        log.info("meshproxy stopped")
+        return exit_code
+
+    async def _report_ready(self) -> None:
+        for slot in self.slots:
+            await slot.ready.wait()
+        self.ready = True
+        log.info("ready: %d worker(s) serving", self.worker_count)
+
+    async def _drain(self, scope: trio.CancelScope) -> None:
+        self.draining = True
+        timeout = self.config.drain_timeout
+        for slot in self.slots:
+            if slot.channel is not None:
+                try:
+                    await slot.channel.send(control.Drain(timeout))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        # Workers close their copies as they stop accepting; closing ours makes
+        # the listening sockets go away, so new connections are refused.
+        self.close_listeners()
+        with trio.move_on_after(timeout + DRAIN_GRACE):
+            for slot in self.slots:
+                if slot.process is not None:
+                    await slot.process.wait()
+        self._kill_workers()
+        scope.cancel()
+
+    def _kill_workers(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                slot.process.kill()
+
+    async def _keep_running(self, slot: WorkerSlot) -> None:
+        backoff = BACKOFF_START
+        while not self.draining:
+            started = trio.current_time()
+            code = await self._run_worker(slot)
+            if self.draining:
+                log.info("worker %d exited (%s)", slot.index, _describe_exit(code))
+                return
+            self.restarts += 1
+            lived = trio.current_time() - started
+            backoff = BACKOFF_START if lived >= STABLE_AFTER else min(backoff * 2, BACKOFF_MAX)
+            log.warning("worker %d (pid %s) exited (%s) after %.1fs; restarting in %.1fs",
+                        slot.index, slot.process.pid if slot.process else "?",
+                        _describe_exit(code), lived, backoff)
+            await trio.sleep(backoff)
+
+    async def _run_worker(self, slot: WorkerSlot) -> int | None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = {name: socks[slot.index].fileno() for name, socks in self.listen_sockets.items()}
+        command = [
+            sys.executable, "-m", "proxy.worker",
+            "--control-fd", str(theirs.fileno()),
+            "--index", str(slot.index),
+            "--log-level", self.log_level,
+        ]
+        try:
+            process = await trio.lowlevel.open_process(
+                command, pass_fds=[theirs.fileno(), *fds.values()]
+            )
+        finally:
+            theirs.close()
+        slot.process = process
+        slot.channel = channel = control.ControlChannel(ours)
+        slot.starts += 1
+        log.info("worker %d started (pid %d)", slot.index, process.pid)
+        try:
+            await channel.send(control.Setup(slot.index, self.config, fds))
+            with trio.move_on_after(READY_TIMEOUT) as scope:
+                message = await channel.receive()
+            if isinstance(message, control.Ready):
+                slot.ready.set()
+            elif scope.cancelled_caught:
+                log.error("worker %d not ready after %gs: killing it", slot.index, READY_TIMEOUT)
+                process.kill()
+            # Anything else means the worker died during start-up: wait reaps it.
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        try:
+            return await process.wait()
+        finally:
+            slot.channel = None
+            await channel.aclose()
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def run(config: Config, log_level: str) -> int:
+    supervisor = Supervisor(config, log_level)
+    supervisor.bind()
+    try:
+        return trio.run(supervisor.run)
+    finally:
+        supervisor.close_listeners()
+

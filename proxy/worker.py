@@ -1,0 +1,156 @@
+"""A worker process: one Trio loop serving every listener on its own sockets.
+
+Started by the supervisor as `python -m proxy.worker --control-fd N`; receives
+its `Setup` (config and listening fds) over the control channel, reports
+`Ready`, and serves until told to drain, sent SIGTERM, or orphaned (the control
+channel closes when the supervisor dies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+
+import trio
+
+from . import control
+from ._core import sockops
+from .cluster import make_balancer
+from .config import Config, Listener
+from .logs import LEVELS, setup_logging
+from .net.accept import accept_loop
+from .net.tcp_proxy import TcpProxy
+
+log = logging.getLogger("meshproxy.worker")
+
+
+class ListenerServer:
+    """Accepts on one listening fd and runs each connection as a task it owns."""
+
+    def __init__(self, listener: Listener, listen_fd: int, proxy: TcpProxy, max_connections: int | None):
+        self.listener = listener
+        self.listen_fd = listen_fd
+        self.proxy = proxy
+        self.max_connections = max_connections
+        self._accepting = trio.CancelScope()
+        self._connections: trio.Nursery | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as self._connections:
+                with self._accepting:
+                    task_status.started()
+                    await accept_loop(self.listen_fd, self._on_accept, nodelay=True)
+                # Draining: the nursery waits for the open connections.
+                log.debug("%s: stopped accepting", self.listener.name)
+        finally:
+            # Nobody waits on the fd any more (the accept loop has ended).
+            sockops.close_fd(self.listen_fd)
+
+    def _on_accept(self, fd: int) -> None:
+        stats = self.proxy.stats
+        if self.max_connections is not None and stats.active >= self.max_connections:
+            stats.rejected += 1
+            sockops.close_fd(fd)
+            return
+        stats.accepted += 1
+        assert self._connections is not None
+        self._connections.start_soon(self.proxy.serve, fd)
+
+    def stop_accepting(self) -> None:
+        self._accepting.cancel()
+
+
+def _share(limit: int | None, workers: int) -> int | None:
+    """This worker's part of a per-listener connection cap (rounded up)."""
+    if limit is None:
+        return None
+    return max(1, -(-limit // workers))
+
+
+def build_servers(config: Config, listener_fds: dict[str, int]) -> list[ListenerServer]:
+    servers = []
+    for listener in config.listeners:
+        if listener.protocol != "tcp":
+            raise SystemExit(f"listener {listener.name}: protocol {listener.protocol!r} is not served yet")
+        cluster = config.cluster(listener.cluster)
+        proxy = TcpProxy(listener, cluster, make_balancer(cluster))
+        cap = _share(listener.max_connections, config.worker_count)
+        servers.append(ListenerServer(listener, listener_fds[listener.name], proxy, cap))
+    return servers
+
+
+async def _wait_for_drain(channel: control.ControlChannel) -> float | None:
+    """Return the drain timeout asked for, or None when orphaned or signalled."""
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            result: list[float | None] = []
+
+            async def on_signal() -> None:
+                async for _ in signals:
+                    log.info("SIGTERM: draining")
+                    result.append(None)
+                    nursery.cancel_scope.cancel()
+
+            async def on_message() -> None:
+                while True:
+                    message = await channel.receive()
+                    if message is None:
+                        log.warning("supervisor is gone: draining")
+                        result.append(None)
+                    elif isinstance(message, control.Drain):
+                        result.append(message.timeout)
+                    else:
+                        log.warning("unexpected control message %r", type(message).__name__)
+                        continue
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(on_signal)
+            nursery.start_soon(on_message)
+    return result[0] if result else None
+
+
+async def run_worker(control_fd: int) -> None:
+    channel = control.ControlChannel(socket.socket(fileno=control_fd))
+    setup = await channel.receive()
+    if not isinstance(setup, control.Setup):
+        raise SystemExit("worker: expected a Setup message from the supervisor")
+    config = setup.config
+    servers = build_servers(config, setup.listener_fds)
+    async with trio.open_nursery() as nursery:
+        for server in servers:
+            await nursery.start(server.serve)
+        await channel.send(control.Ready(setup.worker))
+        log.info("worker %d serving %d listener(s)", setup.worker, len(servers))
+        timeout = await _wait_for_drain(channel)
+        if timeout is None:
+            timeout = config.drain_timeout
+        for server in servers:
+            server.stop_accepting()
+        open_connections = sum(s.proxy.stats.active for s in servers)
+        log.info("worker %d draining %d connection(s), up to %gs", setup.worker, open_connections, timeout)
+        nursery.cancel_scope.deadline = trio.current_time() + timeout
+    if nursery.cancel_scope.cancelled_caught:
+        log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="meshproxy-worker")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--log-level", choices=LEVELS, default="info")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, f"worker[{args.index}]")
+    # Ctrl-C in a terminal signals the whole process group; the supervisor
+    # decides how workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trio.run(run_worker, args.control_fd)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

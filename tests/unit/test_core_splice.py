@@ -1,0 +1,186 @@
+"""The one-direction pumps of proxy._core.splice, on real loopback TCP sockets.
+
+Every test runs against both pumps: splice(2) through a pipe and recv/send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+
+import pytest
+
+from proxy._core import sockops
+from proxy._core.splice import (
+    PUMP_AGAIN,
+    PUMP_EOF,
+    PUMP_READ_ERROR,
+    PUMP_WANT_READ,
+    PUMP_WANT_WRITE,
+    PUMP_WRITE_ERROR,
+    CopyPump,
+    SplicePump,
+)
+
+PUMPS = [SplicePump, CopyPump]
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+    return client, peer
+
+
+@pytest.fixture
+def link():
+    """writer -> [src] pump [dst] -> reader: two TCP connections joined by a pump."""
+    writer, src = tcp_pair()
+    dst, reader = tcp_pair()
+    for sock in (src, dst):
+        sock.setblocking(False)
+    yield writer, src, dst, reader
+    for sock in (writer, src, dst, reader):
+        sock.close()
+
+
+def run_until(pump, statuses, limit=10_000):
+    for _ in range(limit):
+        status = pump.pump()
+        if status in statuses:
+            return status
+    raise AssertionError(f"pump never reached {statuses}")
+
+
+@pytest.mark.parametrize("pump_type", PUMPS)
+def test_moves_bytes_and_reports_short_read(link, pump_type):
+    writer, src, dst, reader = link
+    pump = pump_type(src.fileno(), dst.fileno())
+    writer.sendall(b"hello")
+    # One read drains the socket: the pump asks for a yield rather than
+    # spending a second recv that would only say EAGAIN.
+    assert pump.pump() == PUMP_AGAIN
+    assert reader.recv(100) == b"hello"
+    assert pump.pump() == PUMP_WANT_READ
+    assert pump.bytes == 5 and pump.pending == 0
+    pump.close()
+
+
+@pytest.mark.parametrize("pump_type", PUMPS)
+def test_eof_after_every_byte_is_delivered(link, pump_type):
+    writer, src, dst, reader = link
+    pump = pump_type(src.fileno(), dst.fileno())
+    payload = os.urandom(300_000)
+    writer.sendall(payload)
+    writer.shutdown(socket.SHUT_WR)
+    received = bytearray()
+    reader.setblocking(False)
+    while True:
+        status = pump.pump()
+        try:
+            while chunk := reader.recv(1 << 20):
+                received += chunk
+        except BlockingIOError:
+            pass
+        if status == PUMP_EOF:
+            break
+    sockops.shutdown_write(dst.fileno())
+    reader.setblocking(True)
+    while chunk := reader.recv(1 << 20):
+        received += chunk
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert pump.bytes == len(payload)
+
+
+@pytest.mark.parametrize("pump_type", PUMPS)
+def test_full_destination_asks_to_wait_for_writable(link, pump_type):
+    writer, src, dst, reader = link
+    dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    pump = pump_type(src.fileno(), dst.fileno())
+    writer.setblocking(False)
+    sent = 0
+    try:
+        while sent < 8 << 20:
+            sent += writer.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    assert run_until(pump, {PUMP_WANT_WRITE}) == PUMP_WANT_WRITE
+    assert pump.pending > 0
+
+
+@pytest.mark.parametrize("pump_type", PUMPS)
+def test_budget_bounds_the_work_per_call(link, pump_type):
+    writer, src, dst, reader = link
+    pump = pump_type(src.fileno(), dst.fileno())
+    writer.sendall(b"y" * 200_000)
+    assert pump.pump(1) == PUMP_AGAIN
+    assert 0 < pump.bytes < 200_000
+
+
+@pytest.mark.parametrize("pump_type", PUMPS)
+def test_reset_source_is_a_read_error(link, pump_type):
+    writer, src, dst, reader = link
+    pump = pump_type(src.fileno(), dst.fileno())
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    assert run_until(pump, {PUMP_READ_ERROR, PUMP_EOF}) == PUMP_READ_ERROR
+    assert pump.error == 104  # ECONNRESET
+
+
+@pytest.mark.parametrize("pump_type", PUMPS)
+def test_reset_destination_is_a_write_error(link, pump_type):
+    writer, src, dst, reader = link
+    pump = pump_type(src.fileno(), dst.fileno())
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reader.close()
+    writer.sendall(b"z" * 1000)
+    status = run_until(pump, {PUMP_WRITE_ERROR})
+    assert status == PUMP_WRITE_ERROR
+    assert pump.error in (32, 104)  # EPIPE or ECONNRESET
+
+
+def test_splice_pump_releases_its_pipe():
+    before = len(os.listdir("/proc/self/fd"))
+    pumps = [SplicePump(0, 1) for _ in range(50)]
+    assert len(os.listdir("/proc/self/fd")) == before + 100
+    for pump in pumps:
+        pump.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_accept_and_connect_on_plain_fds():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        assert sockops.accept_nonblocking(server.fileno()) == -1
+        fd, in_progress = sockops.connect_nonblocking("127.0.0.1", server.getsockname()[1])
+        accepted = -1
+        for _ in range(1000):
+            accepted = sockops.accept_nonblocking(server.fileno(), True)
+            if accepted >= 0:
+                break
+        assert accepted >= 0
+        assert sockops.socket_error(fd) == 0
+        sockops.close_fd(accepted)
+        sockops.close_fd(fd)
+
+
+def test_connect_refused_and_bad_host():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        fd, in_progress = sockops.connect_nonblocking("127.0.0.1", port)
+    except ConnectionRefusedError:
+        pass
+    else:
+        assert in_progress
+        import select
+
+        select.select([], [fd], [], 2)
+        assert sockops.socket_error(fd) == 111  # ECONNREFUSED
+        sockops.close_fd(fd)
+    with pytest.raises(ValueError):
+        sockops.connect_nonblocking("not-an-ip", 80)
