@@ -73,6 +73,23 @@ cdef enum:
     DEFAULT_BUDGET = 4194304
 
 
+# Idle pipes shared by every SplicePump of the process. A pump holds a pipe only
+# while bytes sit in it (the destination is full); otherwise the pipe goes back
+# here at the end of each call. Connections then cost two socket fds instead of
+# six, and a new connection usually skips pipe2() and close() (as HAProxy does).
+cdef enum:
+    PIPE_POOL_CAP = 256
+cdef int _pool_r[PIPE_POOL_CAP]
+cdef int _pool_w[PIPE_POOL_CAP]
+cdef Py_ssize_t _pool_size[PIPE_POOL_CAP]
+cdef int _pool_len = 0
+
+
+def pooled_pipes():
+    """How many idle pipes the pool holds (for tests and stats)."""
+    return _pool_len
+
+
 cdef class SplicePump:
     """src socket -> pipe -> dst socket with splice(2)."""
 
@@ -83,38 +100,59 @@ cdef class SplicePump:
     cdef Py_ssize_t pipe_size
     cdef Py_ssize_t in_pipe
     cdef bint src_eof
-    cdef bint grown
+    cdef bint grow_tried
+    cdef bint closed
     cdef readonly long long bytes
     cdef readonly int error
 
     def __cinit__(self, int src, int dst):
-        cdef int fds[2]
         self.pipe_r = -1
         self.pipe_w = -1
+        self.src = src
+        self.dst = dst
+
+    def __dealloc__(self):
+        self._release_pipe()
+
+    cdef int _take_pipe(self) except -1:
+        global _pool_len
+        cdef int fds[2]
+        if _pool_len > 0:
+            _pool_len -= 1
+            self.pipe_r = _pool_r[_pool_len]
+            self.pipe_w = _pool_w[_pool_len]
+            self.pipe_size = _pool_size[_pool_len]
+            return 0
         if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
             raise OSError(errno, "pipe2 failed")
         self.pipe_r = fds[0]
         self.pipe_w = fds[1]
-        self.src = src
-        self.dst = dst
         self.pipe_size = fcntl(self.pipe_r, F_GETPIPE_SZ)
         if self.pipe_size <= 0:
             self.pipe_size = 65536
+        return 0
 
-    def __dealloc__(self):
-        self._close_pipe()
-
-    cdef void _close_pipe(self) noexcept:
-        if self.pipe_r >= 0:
+    cdef void _release_pipe(self) noexcept:
+        """Pool the pipe when it is empty; close it when it still holds bytes."""
+        global _pool_len
+        if self.pipe_r < 0:
+            return
+        if self.in_pipe == 0 and _pool_len < PIPE_POOL_CAP:
+            _pool_r[_pool_len] = self.pipe_r
+            _pool_w[_pool_len] = self.pipe_w
+            _pool_size[_pool_len] = self.pipe_size
+            _pool_len += 1
+        else:
             close(self.pipe_r)
-            self.pipe_r = -1
-        if self.pipe_w >= 0:
             close(self.pipe_w)
-            self.pipe_w = -1
+        self.pipe_r = -1
+        self.pipe_w = -1
+        self.in_pipe = 0
 
     def close(self):
-        """Release the pipe. Bytes still in it are lost (the connection is gone)."""
-        self._close_pipe()
+        """Give the pipe back; bytes still in it are dropped (the connection is gone)."""
+        self.closed = True
+        self._release_pipe()
 
     @property
     def pending(self):
@@ -122,13 +160,22 @@ cdef class SplicePump:
         return self.in_pipe
 
     cpdef int pump(self, Py_ssize_t budget=DEFAULT_BUDGET):
+        cdef int status
+        if self.closed:
+            self.error = 9  # EBADF: pumping after close is a caller bug, fail loudly
+            return READ_ERROR
+        if self.pipe_r < 0:
+            self._take_pipe()
+        status = self._pump(budget)
+        if self.in_pipe == 0:
+            self._release_pipe()
+        return status
+
+    cdef int _pump(self, Py_ssize_t budget):
         cdef ssize_t n
         cdef Py_ssize_t moved = 0
         cdef Py_ssize_t want
         cdef bint drained = False
-        if self.pipe_r < 0:
-            self.error = 9  # EBADF: pumping after close is a caller bug, fail loudly
-            return READ_ERROR
         while True:
             while self.in_pipe > 0:
                 n = splice(self.pipe_r, NULL, self.dst, NULL, <size_t>self.in_pipe,
@@ -155,7 +202,7 @@ cdef class SplicePump:
                 moved += n
                 if n < want:
                     drained = True
-                elif not self.grown:
+                elif not self.grow_tried:
                     self._grow()
             elif n == 0:
                 self.src_eof = True
@@ -169,9 +216,11 @@ cdef class SplicePump:
 
     cdef void _grow(self) noexcept:
         # A full pipe means a bulk stream: larger batches cut syscalls per byte.
-        # If the kernel refuses (pipe-max-size, per-user limits) the default stays.
+        # If the kernel refuses (pipe-max-size, per-user limits) the size stays.
         cdef int size
-        self.grown = True
+        self.grow_tried = True
+        if self.pipe_size >= BULK_PIPE_SIZE:
+            return
         size = fcntl(self.pipe_w, F_SETPIPE_SZ, <int>BULK_PIPE_SIZE)
         if size > 0:
             self.pipe_size = size

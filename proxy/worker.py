@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -138,6 +139,13 @@ async def run_worker(control_fd: int) -> None:
         log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
 
 
+def _raise_fd_limit() -> None:
+    """Use the hard fd limit: a proxy needs two fds per proxied connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="meshproxy-worker")
     parser.add_argument("--control-fd", type=int, required=True)
@@ -148,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C in a terminal signals the whole process group; the supervisor
     # decides how workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _raise_fd_limit()
     trio.run(run_worker, args.control_fd)
     sys.exit(0)
 

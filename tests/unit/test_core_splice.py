@@ -22,6 +22,7 @@ from proxy._core.splice import (
     PUMP_WRITE_ERROR,
     CopyPump,
     SplicePump,
+    pooled_pipes,
 )
 
 PUMPS = [SplicePump, CopyPump]
@@ -142,13 +143,17 @@ def test_reset_destination_is_a_write_error(link, pump_type):
     assert pump.error in (32, 104)  # EPIPE or ECONNRESET
 
 
-def test_splice_pump_releases_its_pipe():
+def test_splice_pumps_hold_pipes_only_while_bytes_are_stuck(link):
+    writer, src, dst, reader = link
     before = len(os.listdir("/proc/self/fd"))
-    pumps = [SplicePump(0, 1) for _ in range(50)]
-    assert len(os.listdir("/proc/self/fd")) == before + 100
+    pumps = [SplicePump(src.fileno(), dst.fileno()) for _ in range(50)]
+    assert len(os.listdir("/proc/self/fd")) == before  # no pipe until a pump runs
+    assert all(p.pump() == PUMP_WANT_READ for p in pumps)
+    # Each emptied pipe went back to the shared pool: at most one pair is new.
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
     for pump in pumps:
         pump.close()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert pooled_pipes() >= 1
 
 
 def test_accept_and_connect_on_plain_fds():
