@@ -1,0 +1,528 @@
+"""The config as frozen, typed objects.
+
+Each type validates its own fields; `Config` adds the checks that span the whole file
+(unique names, free listen addresses, cluster references). Text-level concerns (YAML,
+turning pydantic's errors into `path: message` lines) live in `load.py`.
+
+Values parsed from text arrive with the validation context `FROM_TEXT`; there a bare
+number for a duration is rejected (seconds? milliseconds?), while Python callers pass
+float seconds.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+FROM_TEXT = {"from_text": True}
+
+Problem = tuple[tuple[str | int, ...], str]  # (location, message)
+
+# Error type of the whole-config checks; the loader uses it to tell whether they ran.
+SEMANTIC = "semantic"
+
+MAX_WORKERS = 256
+_PLANNED_LB = ("least_request", "peak_ewma", "ring_hash", "maglev")
+
+
+def invalid(message: str, kind: str = "invalid") -> PydanticCustomError:
+    """A validation error whose message is shown as is (no template expansion)."""
+    return PydanticCustomError(kind, "{message}", {"message": message})
+
+
+def _errors(title: str, problems: Iterable[Problem], kind: str = "invalid") -> ValidationError:
+    """Several errors at locations relative to the value being validated. Raised inside a
+    validator, pydantic merges them into the outer error with the full path."""
+    details = [
+        InitErrorDetails(type=invalid(msg, kind), loc=loc, input=None) for loc, msg in problems
+    ]
+    return ValidationError.from_exception_data(title, details)
+
+
+def describe(value: Any) -> str:
+    """How a value from the file is named in messages: scalars as written, containers by kind."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
+
+
+def suggest(word: str, options: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+# -- names -----------------------------------------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise invalid(f"must be a name of letters, digits, '.', '_' or '-', got {describe(value)}")
+    return value
+
+
+Name = Annotated[StrictStr, AfterValidator(_check_name)]
+
+
+# -- addresses -------------------------------------------------------------------------------
+
+
+class Address(NamedTuple):
+    """A socket address; IPv6 hosts are stored without brackets and in canonical form."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+def _canonical_host(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    labels = host.split(".")
+    # An all-numeric last label means a mistyped IP (e.g. 256.0.0.1), never a real name.
+    valid = all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+    if len(host) > 253 or not valid:
+        raise ValueError(f"{host!r} is not a valid IP address or hostname")
+    return host.lower()
+
+
+def parse_address(value: str, min_port: int) -> Address:
+    """Parse "host:port" or "[v6]:port"; raises ValueError with a message for the user."""
+    if not isinstance(value, str):
+        raise TypeError(f"must be a host:port string, got {describe(value)}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port:
+        raise ValueError(f"must be host:port, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            message = f"{host!r} in brackets must be an IPv6 address, got {value!r}"
+            raise ValueError(message) from None
+    elif ":" in host:
+        raise ValueError(f"IPv6 addresses must be in brackets, e.g. '[::1]:80', got {value!r}")
+    if not (port.isascii() and port.isdigit()) or not min_port <= int(port) <= 65535:
+        raise ValueError(f"port must be a number from {min_port} to 65535, got {value!r}")
+    return Address(_canonical_host(host), int(port))
+
+
+def _address_validator(min_port: int) -> Callable[[Any], Address]:
+    def validate(value: Any) -> Address:
+        if isinstance(value, Address):
+            value = str(value)  # Python callers: still check the host and port range
+        try:
+            return parse_address(value, min_port)
+        except (TypeError, ValueError) as exc:
+            raise invalid(str(exc)) from None
+
+    return validate
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_AsString = PlainSerializer(str, when_used="json")
+ListenAddress = Annotated[Address, PlainValidator(_address_validator(min_port=0)), _AsString]
+UpstreamAddress = Annotated[Address, PlainValidator(_address_validator(min_port=1)), _AsString]
+
+
+# -- durations -------------------------------------------------------------------------------
+
+_UNITS = {"h": Decimal(3600), "m": Decimal(60), "s": Decimal(1), "ms": Decimal("0.001")}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
+_DURATION_HINT = "must be a duration string with a unit, e.g. '250ms' or '5s'"
+
+
+def parse_duration(text: str) -> float:
+    """'250ms' -> 0.25. Decimal arithmetic so that format_duration round-trips exactly."""
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise ValueError(f"{_DURATION_HINT}, got {text!r}")
+    return float(Decimal(match[1]) * _UNITS[match[2]])
+
+
+def format_duration(seconds: float) -> str:
+    """A whole number of the largest unit that fits ("2m", "250ms"), else decimal seconds."""
+    exact = Decimal(repr(seconds))
+    for unit, size in _UNITS.items():
+        count = exact / size
+        whole = count == count.to_integral_value()
+        if whole and (unit != "ms" or exact < 1):  # "1.5s" rather than "1500ms"
+            return f"{int(count)}{unit}"
+    return f"{exact:f}s"
+
+
+def _validate_duration(value: Any, info: ValidationInfo) -> float:
+    from_text = bool(info.context and info.context.get("from_text"))
+    if isinstance(value, str):
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not from_text:
+        seconds = float(value)
+    else:
+        raise invalid(f"{_DURATION_HINT}, got {describe(value)}")
+    if not seconds > 0:
+        raise invalid(f"must be greater than 0, got {describe(value)}")
+    if seconds == float("inf"):
+        raise invalid(f"is too long, got {describe(value)}")
+    return seconds
+
+
+Duration = Annotated[
+    float, PlainValidator(_validate_duration), PlainSerializer(format_duration, when_used="json")
+]
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+
+
+# -- HTTP tokens -----------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_BAD_HEADER_VALUE = re.compile(r"[\x00\r\n]")
+
+
+def _method(value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise invalid(f"must be an HTTP method such as 'GET', got {describe(value)}")
+    return value.upper()
+
+
+def _path_like(value: str) -> str:
+    if not value.startswith("/"):
+        raise invalid('must start with "/"')
+    return value
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2
+
+
+Method = Annotated[StrictStr, AfterValidator(_method)]
+PathPattern = Annotated[StrictStr, AfterValidator(_path_like)]
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Node(_Model):
+    id: Name = "meshproxy"
+
+
+class Admin(_Model):
+    address: ListenAddress = Address("127.0.0.1", 15000)
+    token_file: Annotated[StrictStr, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _loopback_unless_token(self) -> Admin:
+        if self.token_file is None and not _is_loopback(self.address.host):
+            message = f"must be a loopback address unless token_file is set, got {self.address}"
+            raise _errors("Admin", [(("address",), message)])
+        return self
+
+
+class Endpoint(_Model):
+    address: UpstreamAddress
+    weight: PositiveInt = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # "host:port" is short for {address: "host:port"}; expanding it here keeps
+        # the error for a bad address a single, plain one.
+        if isinstance(data, str):
+            return {"address": data}
+        if not isinstance(data, (Mapping, Endpoint)):
+            raise invalid(
+                f"must be 'host:port' or a mapping with address and weight, got {describe(data)}"
+            )
+        return data
+
+
+class Cluster(_Model):
+    name: Name
+    endpoints: Annotated[tuple[Endpoint, ...], Field(min_length=1)]
+    lb: Literal["round_robin", "random"] = "round_robin"
+    connect_timeout: Duration = 1.0
+
+    @field_validator("lb", mode="before")
+    @classmethod
+    def _not_yet(cls, value: Any) -> Any:
+        if value in _PLANNED_LB:
+            raise invalid(f"{value!r} is not supported yet; use 'round_robin' or 'random'")
+        return value
+
+
+class RouteMatch(_Model):
+    prefix: PathPattern | None = None
+    path: PathPattern | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    methods: tuple[Method, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_prefix(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("prefix") is None and data.get("path") is None:
+            return {**data, "prefix": "/"}
+        return data
+
+    @field_validator("headers", mode="plain")
+    @classmethod
+    def _headers(cls, value: Any) -> tuple[tuple[str, str], ...]:
+        """A mapping name -> exact value; stored as sorted (lowercase name, value) pairs."""
+        if isinstance(value, Mapping):
+            value = value.items()
+        elif not (isinstance(value, tuple) and all(_is_pair(p) for p in value)):
+            raise invalid(f"must be a mapping of header name to value, got {describe(value)}")
+        pairs: list[tuple[str, str]] = []
+        problems: list[Problem] = []
+        for name, text in value:
+            if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+                problems.append(((str(name),), f"not a valid header name: {describe(name)}"))
+            elif not isinstance(text, str):
+                message = f"must be a string (quote numbers and booleans), got {describe(text)}"
+                problems.append(((name,), message))
+            elif _BAD_HEADER_VALUE.search(text):
+                problems.append(((name,), "must not contain CR, LF or NUL"))
+            else:
+                pairs.append((name.lower(), text))
+        if problems:
+            raise _errors("RouteMatch", problems)
+        return tuple(sorted(pairs))
+
+    @field_serializer("headers", when_used="json")
+    def _headers_as_mapping(self, headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
+        return dict(headers)
+
+    @model_validator(mode="after")
+    def _one_of_prefix_or_path(self) -> RouteMatch:
+        if self.prefix is not None and self.path is not None:
+            raise _errors("RouteMatch", [(("path",), "set either prefix or path, not both")])
+        return self
+
+
+class WeightedCluster(_Model):
+    cluster: Name
+    weight: PositiveInt
+
+
+class Route(_Model):
+    name: Name
+    match: RouteMatch
+    cluster: Name | None = None
+    split: tuple[WeightedCluster, ...] = ()
+    timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Route:
+        if self.cluster is not None and self.split:
+            raise _errors("Route", [(("split",), "set either cluster or split, not both")])
+        if self.cluster is None and not self.split:
+            raise _errors("Route", [(("cluster",), "required field missing (or set split)")])
+        return self
+
+
+class Listener(_Model):
+    name: Name
+    address: ListenAddress
+    protocol: Literal["http", "tcp"]
+    cluster: Name | None = None
+    routes: tuple[Route, ...] = ()
+    max_connections: PositiveInt | None = None
+    idle_timeout: Duration = 3600.0
+    splice: StrictBool = True  # tcp only: False copies with recv/send instead of splice(2)
+
+    @model_validator(mode="after")
+    def _protocol_shape(self) -> Listener:
+        problems: list[Problem] = []
+        if self.protocol == "tcp":
+            if self.cluster is None:
+                problems.append((("cluster",), "required for tcp listeners"))
+            if self.routes:
+                problems.append((("routes",), "not allowed on tcp listeners (they use cluster)"))
+        else:
+            if self.cluster is not None:
+                problems.append((("cluster",), "not allowed on http listeners (set it on a route)"))
+            if not self.routes:
+                problems.append((("routes",), "http listeners need at least one route"))
+        if problems:
+            raise _errors("Listener", problems)
+        return self
+
+
+def _workers(value: Any) -> int | Literal["auto"]:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if value == "auto" or (is_int and 1 <= value <= MAX_WORKERS):
+        return value
+    raise invalid(f"must be an integer from 1 to {MAX_WORKERS} or 'auto', got {describe(value)}")
+
+
+class Config(_Model):
+    node: Node = Node()
+    admin: Admin = Admin()
+    workers: Annotated[int | Literal["auto"], PlainValidator(_workers)] = 1
+    drain_timeout: Duration = 30.0
+    listeners: Annotated[tuple[Listener, ...], Field(min_length=1)]
+    clusters: tuple[Cluster, ...] = ()
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return min(os.cpu_count() or 1, MAX_WORKERS)
+        return self.workers
+
+    def listener(self, name: str) -> Listener:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise KeyError(name)
+
+    def cluster(self, name: str) -> Cluster:
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        raise KeyError(name)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        problems = semantic_problems(self.model_dump(mode="json"))
+        if problems:
+            raise _errors("Config", problems, kind=SEMANTIC)
+        return self
+
+
+# -- whole-config checks ---------------------------------------------------------------------
+# They read plain data (the file as parsed, or a Config dumped back to it) and skip anything
+# malformed, so the loader can run them even when some fields failed to validate.
+
+
+def semantic_problems(data: Any) -> list[Problem]:
+    """Duplicate names, clashing listen addresses and unknown clusters, as (loc, message)."""
+    listeners = _entries(data, "listeners")
+    clusters = _entries(data, "clusters")
+    problems = _duplicate_names(("listeners",), listeners, "listener")
+    problems += _duplicate_names(("clusters",), clusters, "cluster")
+    for i, listener in listeners:
+        routes = _entries(listener, "routes")
+        problems += _duplicate_names(("listeners", i, "routes"), routes, "route")
+    problems += _address_clashes(listeners)
+    known = {c["name"] for _, c in clusters if isinstance(c.get("name"), str)}
+    for loc, name in _cluster_references(listeners):
+        if isinstance(name, str) and name not in known:
+            problems.append((loc, f"unknown cluster {name!r}{suggest(name, known)}"))
+    return problems
+
+
+def _entries(data: Any, key: str) -> list[tuple[int, Mapping]]:
+    """The well-formed (index, mapping) entries of the list at data[key]."""
+    items = data.get(key) if isinstance(data, Mapping) else None
+    if not isinstance(items, (list, tuple)):
+        return []
+    return [(i, item) for i, item in enumerate(items) if isinstance(item, Mapping)]
+
+
+def format_path(loc: tuple) -> str:
+    """('listeners', 1, 'routes', 0, 'match') -> 'listeners[1].routes[0].match'"""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _duplicate_names(loc: tuple, entries: list[tuple[int, Mapping]], what: str) -> list[Problem]:
+    first: dict[str, int] = {}
+    problems: list[Problem] = []
+    for i, entry in entries:
+        name = entry.get("name")
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            also = format_path((*loc, first[name]))
+            problems.append(((*loc, i, "name"), f"duplicate {what} name {name!r} (also {also})"))
+        else:
+            first[name] = i
+    return problems
+
+
+def _address_clashes(listeners: list[tuple[int, Mapping]]) -> list[Problem]:
+    """The same host:port twice, or a wildcard host on a port another listener uses.
+    Port 0 never clashes: the kernel picks a free port."""
+    bound: list[tuple[int, Address]] = []
+    problems: list[Problem] = []
+    for i, listener in listeners:
+        try:
+            address = parse_address(listener.get("address"), min_port=0)
+        except (ValueError, TypeError):
+            continue  # field validation reports it
+        if address.port == 0:
+            continue
+        for j, other in bound:
+            if other.port == address.port and (
+                other.host == address.host or _WILDCARD_HOSTS & {other.host, address.host}
+            ):
+                message = f"{address} clashes with listeners[{j}].address {other}"
+                problems.append((("listeners", i, "address"), message))
+                break
+        bound.append((i, address))
+    return problems
+
+
+def _cluster_references(listeners: list[tuple[int, Mapping]]) -> Iterable[tuple[tuple, Any]]:
+    """(loc, name) of every place a cluster is named: tcp listeners, routes, splits."""
+    for i, listener in listeners:
+        if listener.get("cluster") is not None:
+            yield ("listeners", i, "cluster"), listener["cluster"]
+        for j, route in _entries(listener, "routes"):
+            if route.get("cluster") is not None:
+                yield ("listeners", i, "routes", j, "cluster"), route["cluster"]
+            for k, part in _entries(route, "split"):
+                yield ("listeners", i, "routes", j, "split", k, "cluster"), part.get("cluster")
