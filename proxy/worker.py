@@ -23,7 +23,8 @@ from .cluster import make_balancer
 from .config import Config, Listener
 from .logs import LEVELS, setup_logging
 from .net.accept import accept_loop
-from .net.tcp_proxy import TcpProxy
+from ._core.splice import RelayEngine
+from .net.tcp_proxy import TcpProxy, run_engine
 
 log = logging.getLogger("meshproxy.worker")
 
@@ -72,13 +73,13 @@ def _share(limit: int | None, workers: int) -> int | None:
     return max(1, -(-limit // workers))
 
 
-def build_servers(config: Config, listener_fds: dict[str, int]) -> list[ListenerServer]:
+def build_servers(config: Config, listener_fds: dict[str, int], engine: RelayEngine) -> list[ListenerServer]:
     servers = []
     for listener in config.listeners:
         if listener.protocol != "tcp":
             raise SystemExit(f"listener {listener.name}: protocol {listener.protocol!r} is not served yet")
         cluster = config.cluster(listener.cluster)
-        proxy = TcpProxy(listener, cluster, make_balancer(cluster))
+        proxy = TcpProxy(listener, cluster, make_balancer(cluster), engine)
         cap = _share(listener.max_connections, config.worker_count)
         servers.append(ListenerServer(listener, listener_fds[listener.name], proxy, cap))
     return servers
@@ -121,22 +122,28 @@ async def run_worker(control_fd: int) -> None:
     if not isinstance(setup, control.Setup):
         raise SystemExit("worker: expected a Setup message from the supervisor")
     config = setup.config
-    servers = build_servers(config, setup.listener_fds)
-    async with trio.open_nursery() as nursery:
-        for server in servers:
-            await nursery.start(server.serve)
-        await channel.send(control.Ready(setup.worker))
-        log.info("worker %d serving %d listener(s)", setup.worker, len(servers))
-        timeout = await _wait_for_drain(channel)
-        if timeout is None:
-            timeout = config.drain_timeout
-        for server in servers:
-            server.stop_accepting()
-        open_connections = sum(s.proxy.stats.active for s in servers)
-        log.info("worker %d draining %d connection(s), up to %gs", setup.worker, open_connections, timeout)
-        nursery.cancel_scope.deadline = trio.current_time() + timeout
-    if nursery.cancel_scope.cancelled_caught:
-        log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
+    engine = RelayEngine()
+    servers = build_servers(config, setup.listener_fds, engine)
+    async with trio.open_nursery() as engine_nursery:
+        engine_nursery.start_soon(run_engine, engine)
+        with trio.CancelScope() as serving:
+            async with trio.open_nursery() as nursery:
+                for server in servers:
+                    await nursery.start(server.serve)
+                await channel.send(control.Ready(setup.worker))
+                log.info("worker %d serving %d listener(s)", setup.worker, len(servers))
+                timeout = await _wait_for_drain(channel)
+                if timeout is None:
+                    timeout = config.drain_timeout
+                for server in servers:
+                    server.stop_accepting()
+                open_connections = sum(s.proxy.stats.active for s in servers)
+                log.info("worker %d draining %d connection(s), up to %gs",
+                         setup.worker, open_connections, timeout)
+                serving.deadline = trio.current_time() + timeout
+        if serving.cancelled_caught:
+            log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
+        engine_nursery.cancel_scope.cancel()
 
 
 def _raise_fd_limit() -> None:

@@ -336,6 +336,8 @@ class RouteMatch(_Model):
                 problems.append(((name,), message))
             elif _BAD_HEADER_VALUE.search(text):
                 problems.append(((name,), "must not contain CR, LF or NUL"))
+            elif any(seen == name.lower() for seen, _ in pairs):
+                problems.append(((name,), "given twice (header names ignore case)"))
             else:
                 pairs.append((name.lower(), text))
         if problems:

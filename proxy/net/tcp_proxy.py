@@ -1,10 +1,11 @@
 """The L4 proxy: one accepted client fd, one upstream fd, bytes pumped both ways.
 
-Each direction is a pump from `proxy._core.splice` driven by a small loop that
-only waits when the kernel says so. A FIN in one direction is passed on with
-shutdown(SHUT_WR) while the other keeps flowing; a reset on either side is
-passed on as a reset to the other; `idle_timeout` with no bytes in either
-direction closes both.
+Connection set-up (endpoint pick, connect with failover) is a Trio task per
+connection. Once both fds are open the bytes are moved by the worker's
+`RelayEngine` (`proxy._core.splice`) in C, and the connection's task only
+sleeps until the relay finishes or goes idle. A FIN in one direction is passed
+on while the other keeps flowing; a reset on either side is passed on as a
+reset to the other; `idle_timeout` with no bytes either way closes both.
 """
 
 from __future__ import annotations
@@ -15,15 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from .._core import sockops
-from .._core.splice import (
-    PUMP_AGAIN,
-    PUMP_EOF,
-    PUMP_READ_ERROR,
-    PUMP_WANT_READ,
-    PUMP_WANT_WRITE,
-    CopyPump,
-    SplicePump,
-)
+from .._core.splice import Relay, RelayEngine, monotonic
 from ..cluster import Balancer
 from ..config import Cluster, Listener
 from ..errors import UpstreamConnectError
@@ -47,73 +40,39 @@ class TcpListenerStats:
     idle_timeouts: int = 0
 
 
-class _Relay:
-    """The shared state of one proxied connection's two directions."""
-
-    __slots__ = ("scope", "idle_timeout", "refresh_at", "granularity", "reset_fds")
-
-    def __init__(self, idle_timeout: float) -> None:
-        now = trio.current_time()
-        self.scope = trio.CancelScope(deadline=now + idle_timeout)
-        self.idle_timeout = idle_timeout
-        # Moving a deadline costs a heap push; refresh it at most every
-        # `granularity` seconds, so idle closes land within 5% of the timeout.
-        self.granularity = min(1.0, idle_timeout / 20)
-        self.refresh_at = now + self.granularity
-        self.reset_fds: tuple[int, ...] = ()
-
-    def fail(self, reset_fd: int) -> None:
-        """One side broke: reset the other, stop both directions."""
-        self.reset_fds = (reset_fd,)
-        self.scope.cancel()
-
-
-async def _pump_loop(relay: _Relay, pump: SplicePump | CopyPump) -> None:
+async def run_engine(engine: RelayEngine) -> None:
+    """The one task that moves the bytes of every relay in this worker."""
     wait_readable = trio.lowlevel.wait_readable
-    wait_writable = trio.lowlevel.wait_writable
     checkpoint = trio.lowlevel.checkpoint
-    current_time = trio.current_time
-    src, dst = pump.src, pump.dst
-    while True:
-        status = pump.pump()
-        if status == PUMP_WANT_READ:
-            await wait_readable(src)
-        elif status == PUMP_AGAIN:
-            # The source looked drained: yield once so the peer's next bytes can
-            # arrive, then try again before paying for a wait.
-            await checkpoint()
-        elif status == PUMP_WANT_WRITE:
-            await wait_writable(dst)
-        elif status == PUMP_EOF:
-            sockops.shutdown_write(dst)
-            return
-        else:
-            # A read error means the source is gone: reset the destination.
-            # A write error means the destination is gone: reset the source.
-            relay.fail(dst if status == PUMP_READ_ERROR else src)
-            return
-        now = current_time()
-        if now >= relay.refresh_at:
-            relay.scope.deadline = now + relay.idle_timeout
-            relay.refresh_at = now + relay.granularity
+    epfd = engine.fileno()
+    try:
+        while True:
+            if engine.has_backlog:
+                await checkpoint()  # relays with bytes left: yield once, go on
+            else:
+                await wait_readable(epfd)
+            engine.run()
+    finally:
+        trio.lowlevel.notify_closing(epfd)
+        engine.close()
 
 
 class TcpProxy:
     """Serves the connections of one tcp listener in one worker."""
 
-    def __init__(self, listener: Listener, cluster: Cluster, balancer: Balancer) -> None:
+    def __init__(self, listener: Listener, cluster: Cluster, balancer: Balancer, engine: RelayEngine):
         self.listener = listener
         self.cluster = cluster
         self.balancer = balancer
+        self.engine = engine
         self.stats = TcpListenerStats()
-        self._pump_type = SplicePump if listener.splice else CopyPump
 
     async def serve(self, client_fd: int) -> None:
         """Proxy one accepted connection; always closes `client_fd`."""
         stats = self.stats
         stats.active += 1
         upstream_fd = -1
-        reset_fds: tuple[int, ...] = ()
+        reset_fd = -1
         try:
             try:
                 upstream_fd = await self._connect()
@@ -121,15 +80,13 @@ class TcpProxy:
                 stats.connect_failures += 1
                 log.info("%s: closing client: %s", self.listener.name, exc)
                 return
-            reset_fds = await self._relay(client_fd, upstream_fd)
+            reset_fd = await self._relay(client_fd, upstream_fd)
         finally:
             stats.active -= 1
             for fd in (client_fd, upstream_fd):
-                if fd < 0:
-                    continue
-                if fd in reset_fds:
+                if fd == reset_fd:
                     sockops.reset_close(fd)
-                else:
+                elif fd >= 0:
                     sockops.close_fd(fd)
 
     async def _connect(self) -> int:
@@ -148,26 +105,32 @@ class TcpProxy:
         assert last_error is not None  # the cluster has at least one endpoint (config invariant)
         raise last_error
 
-    async def _relay(self, client_fd: int, upstream_fd: int) -> tuple[int, ...]:
-        """Pump both directions until both saw EOF, one side broke or idle expired.
+    async def _relay(self, client_fd: int, upstream_fd: int) -> int:
+        """Relay until both sides closed, one side broke, or idle expired.
 
-        Returns the fds to close with a reset rather than a FIN.
+        Returns the fd to close with a reset rather than a FIN, or -1.
         """
-        relay = _Relay(self.listener.idle_timeout)
-        to_upstream = self._pump_type(client_fd, upstream_fd)
-        to_client = self._pump_type(upstream_fd, client_fd)
+        relay = Relay(client_fd, upstream_fd, self.listener.splice)
+        finished = trio.Event()
+        relay.on_finish = finished.set
+        idle = self.listener.idle_timeout
+        self.engine.add(relay)
         try:
-            with relay.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_pump_loop, relay, to_client)
-                    await _pump_loop(relay, to_upstream)
+            # The engine stamps `last_active`; the deadline is only moved when
+            # it fires, so an active connection costs nothing per byte here.
+            while not finished.is_set():
+                quiet_for = monotonic() - relay.last_active
+                if quiet_for >= idle:
+                    self.stats.idle_timeouts += 1
+                    log.debug("%s: idle for %.1fs, closing", self.listener.name, quiet_for)
+                    return -1
+                with trio.move_on_after(idle - quiet_for):
+                    await finished.wait()
         finally:
-            self.stats.bytes_from_clients += to_upstream.bytes
-            self.stats.bytes_to_clients += to_client.bytes
-            to_upstream.close()
-            to_client.close()
-        if relay.reset_fds:
+            if not relay.finished:
+                self.engine.discard(relay)
+            self.stats.bytes_from_clients += relay.bytes_from_client
+            self.stats.bytes_to_clients += relay.bytes_to_client
+        if relay.reset_fd >= 0:
             self.stats.resets += 1
-        elif relay.scope.cancelled_caught:
-            self.stats.idle_timeouts += 1
-        return relay.reset_fds
+        return relay.reset_fd

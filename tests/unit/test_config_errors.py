@@ -247,6 +247,11 @@ def test_header_values_must_be_strings():
     assert "not a valid header name" in found["listeners[0].routes[0].match.headers.bad name"]
 
 
+def test_header_names_ignore_case():
+    text = edit(API_MATCH, "match: {prefix: /api, headers: {X-Canary: '1', x-canary: '2'}}")
+    assert_error(text, "listeners[0].routes[0].match.headers.x-canary", "given twice")
+
+
 def test_headers_must_be_a_mapping():
     text = edit(API_MATCH, "match: {prefix: /api, headers: [x-canary]}")
     assert_error(text, "listeners[0].routes[0].match.headers", "must be a mapping of header name")
