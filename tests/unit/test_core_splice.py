@@ -189,3 +189,128 @@ def test_connect_refused_and_bad_host():
         sockops.close_fd(fd)
     with pytest.raises(ValueError):
         sockops.connect_nonblocking("not-an-ip", 80)
+
+
+# -- the relay engine -------------------------------------------------------
+
+import select  # noqa: E402
+
+from proxy._core.splice import Relay, RelayEngine  # noqa: E402
+
+
+@pytest.fixture
+def relayed(request):
+    """client <-> [client_fd] relay [upstream_fd] <-> server, driven by an engine."""
+    client, client_end = tcp_pair()
+    upstream_end, server = tcp_pair()
+    for sock in (client_end, upstream_end):
+        sock.setblocking(False)
+    engine = RelayEngine()
+    relay = Relay(client_end.fileno(), upstream_end.fileno(), request.param)
+    finished = []
+    relay.on_finish = lambda: finished.append(True)
+    engine.add(relay)
+    yield engine, relay, client, server, finished
+    engine.close()
+    for sock in (client, client_end, upstream_end, server):
+        sock.close()
+
+
+def drive(engine, until, timeout=5.0):
+    """Run the engine the way the worker's task does, until `until()` holds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "engine made no progress"
+        if not engine.has_backlog:
+            select.select([engine.fileno()], [], [], 0.05)
+        engine.run()
+
+
+def at_eof(sock):
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+
+
+def recv_exactly(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "unexpected EOF"
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("relayed", [True, False], ids=["splice", "copy"], indirect=True)
+def test_engine_relays_both_ways_and_passes_half_close_on(relayed):
+    engine, relay, client, server, finished = relayed
+    client.sendall(b"ping")
+    drive(engine, lambda: relay.bytes_from_client == 4)
+    assert recv_exactly(server, 4) == b"ping"
+    client.shutdown(socket.SHUT_WR)
+    drive(engine, lambda: at_eof(server))
+    # The other direction still flows after the client's FIN.
+    server.sendall(b"pong")
+    drive(engine, lambda: relay.bytes_to_client == 4)
+    assert recv_exactly(client, 4) == b"pong"
+    assert not finished
+    server.shutdown(socket.SHUT_WR)
+    drive(engine, lambda: bool(finished))
+    assert client.recv(10) == b""
+    assert relay.finished and relay.reset_fd == -1 and len(engine) == 0
+
+
+@pytest.mark.parametrize("relayed", [True, False], ids=["splice", "copy"], indirect=True)
+def test_engine_moves_bulk_both_ways_at_once(relayed):
+    engine, relay, client, server, finished = relayed
+    size = 8 << 20
+    out_up, out_down = os.urandom(size), os.urandom(size)
+    got_up, got_down = bytearray(), bytearray()
+    for sock in (client, server):
+        sock.setblocking(False)
+    sent_up = sent_down = 0
+
+    def step():
+        nonlocal sent_up, sent_down
+        for sock, out, sent in ((client, out_up, sent_up), (server, out_down, sent_down)):
+            if sent < size:
+                try:
+                    n = sock.send(out[sent:sent + 262144])
+                except BlockingIOError:
+                    n = 0
+                if sock is client:
+                    sent_up += n
+                else:
+                    sent_down += n
+        for sock, got in ((server, got_up), (client, got_down)):
+            try:
+                got += sock.recv(1 << 20)
+            except BlockingIOError:
+                pass
+        return len(got_up) == size and len(got_down) == size
+
+    drive(engine, step, timeout=20)
+    assert hashlib.sha256(got_up).digest() == hashlib.sha256(out_up).digest()
+    assert hashlib.sha256(got_down).digest() == hashlib.sha256(out_down).digest()
+
+
+@pytest.mark.parametrize("relayed", [True, False], ids=["splice", "copy"], indirect=True)
+def test_engine_turns_an_upstream_reset_into_a_client_reset(relayed):
+    engine, relay, client, server, finished = relayed
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    server.close()
+    drive(engine, lambda: bool(finished))
+    assert relay.reset_fd == relay.client_fd
+    assert relay.error == 104  # ECONNRESET
+
+
+@pytest.mark.parametrize("relayed", [True], ids=["splice"], indirect=True)
+def test_discarded_relay_gets_no_more_service(relayed):
+    engine, relay, client, server, finished = relayed
+    engine.discard(relay)
+    client.sendall(b"late")
+    engine.run()
+    assert relay.bytes_from_client == 0 and not finished and len(engine) == 0
