@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 
@@ -15,6 +16,7 @@ from ..errors import UpstreamConnectError
 _REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET}
 
 
+@functools.lru_cache(maxsize=4096)
 def is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -47,17 +49,18 @@ async def connect(address: Address, timeout: float) -> int:
         raise _connect_error(address, exc.errno) from exc
     if not in_progress:
         return fd
-    try:
-        with trio.move_on_after(timeout) as scope:
-            await trio.lowlevel.wait_writable(fd)
-    except BaseException:
-        sockops.close_fd(fd)
-        raise
-    if scope.cancelled_caught:
-        sockops.close_fd(fd)
-        raise UpstreamConnectError(
-            f"connect to {address} timed out after {timeout:g}s", code="connect_timeout"
-        )
+    if not sockops.poll_writable(fd):
+        try:
+            with trio.move_on_after(timeout) as scope:
+                await trio.lowlevel.wait_writable(fd)
+        except BaseException:
+            sockops.close_fd(fd)
+            raise
+        if scope.cancelled_caught:
+            sockops.close_fd(fd)
+            raise UpstreamConnectError(
+                f"connect to {address} timed out after {timeout:g}s", code="connect_timeout"
+            )
     err = sockops.socket_error(fd)
     if err:
         sockops.close_fd(fd)
