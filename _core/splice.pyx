@@ -122,8 +122,15 @@ cdef class Pump:
     cdef readonly int dst
     cdef readonly long long bytes
     cdef readonly int error
+    # Stop after this many bytes (-1: until EOF). A length-delimited HTTP body
+    # is pumped this way; reaching the limit reports PUMP_EOF with the source
+    # left open, so `bytes < limit` at PUMP_EOF means the source ended early.
+    cdef public long long limit
     cdef bint src_eof
     cdef bint closed
+
+    def __cinit__(self, *args, **kwargs):
+        self.limit = -1
 
     cpdef int pump(self, Py_ssize_t budget=DEFAULT_BUDGET):
         raise NotImplementedError
@@ -252,6 +259,11 @@ cdef class SplicePump(Pump):
             if moved >= budget:
                 return BUDGET
             want = self.pipe_size
+            if self.limit >= 0:
+                if self.bytes >= self.limit:
+                    return EOF
+                if want > self.limit - self.bytes:
+                    want = <Py_ssize_t>(self.limit - self.bytes)
             n = splice(self.src, NULL, self.pipe_w, NULL, <size_t>want,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n > 0:
@@ -312,6 +324,7 @@ cdef class CopyPump(Pump):
     cpdef int pump(self, Py_ssize_t budget=DEFAULT_BUDGET):
         cdef ssize_t n
         cdef Py_ssize_t moved = 0
+        cdef Py_ssize_t want
         cdef bint drained = False
         if self.closed:
             self.error = 9
@@ -337,12 +350,18 @@ cdef class CopyPump(Pump):
                 return WANT_READ
             if moved >= budget:
                 return BUDGET
-            n = recv(self.src, self.buf, <size_t>self.size, 0)
+            want = self.size
+            if self.limit >= 0:
+                if self.bytes >= self.limit:
+                    return EOF
+                if want > self.limit - self.bytes:
+                    want = <Py_ssize_t>(self.limit - self.bytes)
+            n = recv(self.src, self.buf, <size_t>want, 0)
             if n > 0:
                 self.end = n
                 self.bytes += n
                 moved += n
-                drained = n < self.size
+                drained = n < want
             elif n == 0:
                 self.src_eof = True
             elif errno == EINTR:

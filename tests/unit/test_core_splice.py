@@ -314,3 +314,16 @@ def test_discarded_relay_gets_no_more_service(relayed):
     client.sendall(b"late")
     engine.run()
     assert relay.bytes_from_client == 0 and not finished and len(engine) == 0
+
+
+@pytest.mark.parametrize("pump_type", PUMPS)
+def test_limit_stops_at_a_message_boundary(link, pump_type):
+    writer, src, dst, reader = link
+    pump = pump_type(src.fileno(), dst.fileno())
+    pump.limit = 100_000
+    writer.sendall(b"a" * 100_000 + b"NEXT")
+    assert run_until(pump, {PUMP_EOF}) == PUMP_EOF
+    assert pump.bytes == 100_000
+    assert recv_exactly(reader, 100_000) == b"a" * 100_000
+    # The bytes after the limit stay in the source for whoever reads next.
+    assert src.recv(10) == b"NEXT"
