@@ -109,6 +109,19 @@ cdef class RecvBuffer:
                 return -1
             raise OSError(errno, "send failed")
 
+    def grow(self, Py_ssize_t capacity):
+        """Enlarge the storage (for a head that does not fit), keeping the bytes."""
+        cdef bytearray data
+        if capacity <= self.capacity:
+            return
+        data = bytearray(capacity)
+        data[0:self.end - self.start] = self._data[self.start:self.end]
+        self._data = data
+        self._ptr = PyByteArray_AS_STRING(data)
+        self.end -= self.start
+        self.start = 0
+        self.capacity = capacity
+
     def clear(self):
         self.start = 0
         self.end = 0

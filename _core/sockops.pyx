@@ -36,6 +36,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int connect(int fd, const sockaddr *addr, socklen_t addrlen)
     int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
     int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+    int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
     int shutdown(int fd, int how)
     struct linger:
         int l_onoff
@@ -64,6 +65,7 @@ cdef extern from "<netinet/tcp.h>" nogil:
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
@@ -171,6 +173,23 @@ def socket_error(int fd):
     return value
 
 
+def peer_ip(int fd):
+    """The peer's IP address as text ("" when the socket has no IP peer)."""
+    cdef sockaddr_storage storage
+    cdef socklen_t length = sizeof(storage)
+    cdef char text[64]
+    cdef const char *out = NULL
+    if getpeername(fd, <sockaddr *>&storage, &length) != 0:
+        return ""
+    if storage.ss_family == AF_INET:
+        out = inet_ntop(AF_INET, &(<sockaddr_in *>&storage).sin_addr, text, sizeof(text))
+    elif storage.ss_family == AF_INET6:
+        out = inet_ntop(AF_INET6, &(<sockaddr_in6 *>&storage).sin6_addr, text, sizeof(text))
+    if out == NULL:
+        return ""
+    return out.decode("ascii")
+
+
 def shutdown_write(int fd):
     """Send FIN: the peer reads EOF while the other direction stays open.
 
@@ -185,10 +204,15 @@ def close_fd(int fd):
     close(fd)
 
 
-def reset_close(int fd):
-    """Close with an RST instead of a FIN (SO_LINGER 0): propagate a reset."""
+def reset_on_close(int fd):
+    """Make the coming close() send an RST instead of a FIN (SO_LINGER 0)."""
     cdef linger lg
     lg.l_onoff = 1
     lg.l_linger = 0
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+def reset_close(int fd):
+    """Close with an RST instead of a FIN: propagate a reset."""
+    reset_on_close(fd)
     close(fd)

@@ -106,31 +106,41 @@ class TcpProxy:
         raise last_error
 
     async def _relay(self, client_fd: int, upstream_fd: int) -> int:
-        """Relay until both sides closed, one side broke, or idle expired.
-
-        Returns the fd to close with a reset rather than a FIN, or -1.
-        """
         relay = Relay(client_fd, upstream_fd, self.listener.splice)
-        finished = trio.Event()
-        relay.on_finish = finished.set
-        idle = self.listener.idle_timeout
-        self.engine.add(relay)
         try:
-            # The engine stamps `last_active`; the deadline is only moved when
-            # it fires, so an active connection costs nothing per byte here.
-            while not finished.is_set():
-                quiet_for = monotonic() - relay.last_active
-                if quiet_for >= idle:
-                    self.stats.idle_timeouts += 1
-                    log.debug("%s: idle for %.1fs, closing", self.listener.name, quiet_for)
-                    return -1
-                with trio.move_on_after(idle - quiet_for):
-                    await finished.wait()
+            reset_fd = await relay_until_done(self.engine, relay, self.listener.idle_timeout)
         finally:
-            if not relay.finished:
-                self.engine.discard(relay)
             self.stats.bytes_from_clients += relay.bytes_from_client
             self.stats.bytes_to_clients += relay.bytes_to_client
-        if relay.reset_fd >= 0:
+        if reset_fd is None:
+            self.stats.idle_timeouts += 1
+            return -1
+        if reset_fd >= 0:
             self.stats.resets += 1
-        return relay.reset_fd
+        return reset_fd
+
+
+async def relay_until_done(engine: RelayEngine, relay: Relay, idle_timeout: float) -> int | None:
+    """Relay until both sides closed, one side broke, or `idle_timeout` passed quietly.
+
+    Returns the fd to close with a reset rather than a FIN, -1 for a clean
+    finish, or None when the relay went idle. The caller
+    closes both fds; the relay is out of the engine when this returns.
+    """
+    finished = trio.Event()
+    relay.on_finish = finished.set
+    engine.add(relay)
+    try:
+        # The engine stamps `last_active`; the deadline is only moved when it
+        # fires, so an active connection costs nothing per byte here.
+        while not finished.is_set():
+            quiet_for = monotonic() - relay.last_active
+            if quiet_for >= idle_timeout:
+                log.debug("relay idle for %.1fs, closing", quiet_for)
+                return None
+            with trio.move_on_after(idle_timeout - quiet_for):
+                await finished.wait()
+    finally:
+        if not relay.finished:
+            engine.discard(relay)
+    return relay.reset_fd

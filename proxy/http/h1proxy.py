@@ -1,0 +1,485 @@
+"""The HTTP/1.1 reverse proxy: one task per client connection.
+
+For each request: read and parse the head (`proxy._core.http1`, strict), match
+a route, pick a cluster (weighted split) and an endpoint, take a pooled
+upstream connection or open one, write the re-serialized head and the body,
+read the response head and stream the response back. Bodies stream with
+backpressure: a length-delimited body moves with splice(2) socket to socket,
+a chunked one through the connection's buffer with its framing checked.
+
+How it meets Trio (DESIGN, "How the hot path meets Trio"): the fds are plain
+ints driven from Cython; a read that is expected to be empty (the upstream's
+reply right after the request, the next request on a kept-alive connection) is
+"yield, then try, then wait"; a read likely to succeed is tried first.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import trio
+
+from .._core import sockops
+from .._core.http1 import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    ChunkedScanner,
+    Limits,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    parse_request,
+    parse_response,
+)
+from .._core.iobuf import RecvBuffer, send_from
+from .._core.splice import (
+    PUMP_BUDGET,
+    PUMP_EOF,
+    PUMP_READ_ERROR,
+    PUMP_WANT_READ,
+    PUMP_WANT_WRITE,
+    Relay,
+    RelayEngine,
+    SplicePump,
+)
+from ..config import Listener
+from ..errors import UpstreamConnectError
+from ..net.tcp_proxy import relay_until_done
+from ..route import RouteTable, pick_cluster
+from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
+from .local_reply import CONTINUE, local_reply
+
+log = logging.getLogger("meshproxy.http")
+
+CLIENT_BUFFER = 16384
+# Route timeout when the route sets none (Envoy's default): how long the
+# upstream has to start its response, connect and request body included.
+DEFAULT_ROUTE_TIMEOUT = 15.0
+MAX_CONNECT_ATTEMPTS = 5
+# Safe to send twice (RFC 9110 9.2.2): retried once on a fresh connection when
+# a reused one turns out dead before any response byte.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+# Request headers the proxy sets itself (hop-by-hop ones go in serialize()).
+REPLACED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"expect")
+
+
+@dataclass(slots=True)
+class HttpListenerStats:
+    accepted: int = 0
+    active: int = 0
+    rejected: int = 0
+    requests: int = 0
+    local_replies: int = 0
+    upstream_retries: int = 0
+
+
+class _ClientGone(Exception):
+    """The client closed or reset its connection: stop without a reply."""
+
+
+class _UpstreamFailed(Exception):
+    """The upstream broke before a response head: a local reply follows."""
+
+    def __init__(self, status: int, code: str, *, retriable: bool = False) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.retriable = retriable  # nothing of a response arrived on a reused connection
+
+
+async def _send_all(fd: int, data: bytes) -> None:
+    """Write all of `data`; OSError when the peer is gone."""
+    offset = 0
+    total = len(data)
+    while offset < total:
+        sent = send_from(fd, data, offset)
+        if sent >= 0:
+            offset += sent
+        else:
+            await trio.lowlevel.wait_writable(fd)
+
+
+async def _drive(pump: SplicePump) -> None:
+    """Run a one-direction pump to its end; PUMP_*_ERROR raise as OSError."""
+    wait_readable = trio.lowlevel.wait_readable
+    wait_writable = trio.lowlevel.wait_writable
+    while True:
+        status = pump.pump()
+        if status == PUMP_WANT_READ:
+            await wait_readable(pump.src)
+        elif status == PUMP_WANT_WRITE:
+            await wait_writable(pump.dst)
+        elif status == PUMP_BUDGET:
+            await trio.lowlevel.checkpoint()
+        elif status == PUMP_EOF:
+            return
+        else:
+            side = "read" if status == PUMP_READ_ERROR else "write"
+            raise _PumpError(side, pump.error)
+
+
+class _PumpError(OSError):
+    def __init__(self, side: str, err: int) -> None:
+        super().__init__(err, f"{side} failed")
+        self.side = side
+
+
+class Http1Proxy:
+    """Serves the connections of one http listener in one worker."""
+
+    def __init__(self, listener: Listener, clusters: dict[str, UpstreamCluster], engine: RelayEngine) -> None:
+        self.listener = listener
+        self.routes = RouteTable.compile(listener.routes)
+        self.clusters = clusters
+        self.engine = engine
+        self.limits = Limits()
+        self.max_head = 8192 + 61440 + 1024
+        self.idle_timeout = listener.idle_timeout
+        self.stats = HttpListenerStats()
+
+    # -- one client connection -------------------------------------------
+    async def serve(self, client_fd: int) -> None:
+        stats = self.stats
+        stats.active += 1
+        try:
+            await self._serve_requests(client_fd)
+        except (_ClientGone, OSError) as exc:
+            log.debug("%s: client connection ended: %s", self.listener.name, exc)
+        finally:
+            stats.active -= 1
+            sockops.close_fd(client_fd)
+
+    async def _serve_requests(self, fd: int) -> None:
+        buf = RecvBuffer(CLIENT_BUFFER)
+        peer = sockops.peer_ip(fd).encode()
+        first = True
+        while True:
+            try:
+                head = await self._read_request_head(fd, buf, first)
+            except ProtocolError as exc:
+                await self._reply(fd, local_reply(exc.status, exc.code, str(exc), close=True))
+                return
+            if head is None:
+                return
+            first = False
+            self.stats.requests += 1
+            if not await self._exchange(fd, buf, head, peer):
+                return
+
+    async def _read_request_head(self, fd: int, buf: RecvBuffer, first: bool) -> RequestHead | None:
+        limits = self.limits
+        if not first and not len(buf):
+            # Kept-alive client: its next request is rarely here yet. Yield
+            # once, then try, and only then pay for a wait.
+            await trio.lowlevel.checkpoint()
+        while True:
+            if len(buf):
+                head = parse_request(buf.data, buf.start, buf.end, limits)
+                if head is not None:
+                    buf.consume(head.size)
+                    return head
+            n = buf.recv(fd)
+            if n > 0:
+                continue
+            if n == 0:
+                return None  # closed between requests, or mid-head: nothing to answer
+            if n == -2:
+                # The parser refuses heads over the limits before this size.
+                buf.grow(self.max_head)
+                continue
+            with trio.move_on_after(self.idle_timeout) as scope:
+                await trio.lowlevel.wait_readable(fd)
+            if scope.cancelled_caught:
+                return None
+
+    async def _reply(self, fd: int, data: bytes) -> None:
+        self.stats.local_replies += 1
+        try:
+            await _send_all(fd, data)
+        except OSError as exc:
+            raise _ClientGone(str(exc)) from exc
+
+    # -- one request -------------------------------------------------------
+    async def _exchange(self, fd: int, buf: RecvBuffer, head: RequestHead, peer: bytes) -> bool:
+        """Proxy one request; True when the client connection stays open."""
+        has_body = head.chunked or head.content_length > 0
+        route = self.routes.match(head.method, head.host, head.path, head.get)
+        request_id = head.get(b"x-request-id")
+        if route is None:
+            close = has_body or not head.keep_alive
+            await self._reply(fd, local_reply(404, "no_route", close=close, request_id=request_id))
+            return not close
+        cluster = self.clusters[pick_cluster(route, random.random())]
+
+        forwarded_for = head.get(b"x-forwarded-for")
+        extra = [b"x-forwarded-for: ", forwarded_for + b", " + peer if forwarded_for else peer,
+                 b"\r\nx-forwarded-proto: http\r\n"]
+        if request_id is None:
+            request_id = b"%032x" % random.getrandbits(128)
+            extra += [b"x-request-id: ", request_id, b"\r\n"]
+        tunnel = head.upgrade is not None or head.method == b"CONNECT"
+        request = head.serialize(b"".join(extra), keep_upgrade=tunnel, drop=REPLACED_HEADERS)
+
+        if head.expect_continue and head.version == 11:
+            # Answer 100 Continue ourselves (as Envoy does by default) so the
+            # client sends its body without waiting on the upstream.
+            await self._reply(fd, CONTINUE)
+
+        # Whatever of the body is already buffered goes out with the head.
+        body = _RequestBody(head, self.limits)
+        try:
+            request += body.take_buffered(buf)
+        except ProtocolError as exc:
+            await self._reply(fd, local_reply(exc.status, exc.code, str(exc), close=True))
+            return False
+
+        up: UpstreamConn | None = None
+        pool = None
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(route.timeout or DEFAULT_ROUTE_TIMEOUT) as deadline:
+                    up, pool, response = await self._send_and_await_head(
+                        cluster, request, head, fd, buf, body, nursery
+                    )
+                if deadline.cancelled_caught:
+                    raise _UpstreamFailed(504, "upstream_timeout")
+                if tunnel and _switches_protocol(head, response):
+                    await self._tunnel(fd, buf, up, response)
+                    return False
+                client_keep = await self._forward_response(fd, head, response, up)
+                if not body.complete:
+                    # The upstream answered before reading the whole body:
+                    # neither connection has a known message boundary now.
+                    nursery.cancel_scope.cancel()
+                    return False
+            if response.keep_alive:
+                pool.give_back(up)
+                up = None
+            return client_keep
+        except _UpstreamFailed as exc:
+            if exc.code == "upstream_timeout" or not body.started:
+                await self._reply(fd, local_reply(exc.status, exc.code, close=True, request_id=request_id))
+            return False
+        finally:
+            if up is not None and pool is not None:
+                pool.discard(up)
+
+    async def _send_and_await_head(self, cluster: UpstreamCluster, request: bytes, head: RequestHead,
+                                   fd: int, buf: RecvBuffer, body: _RequestBody,
+                                   nursery: trio.Nursery) -> tuple[UpstreamConn, EndpointPool, ResponseHead]:
+        """Connect (or reuse), send the request, return the response head.
+
+        A reused connection that turns out dead before any response byte is
+        retried once on a fresh connection when the request is safe to replay.
+        """
+        tried: list[int] = []
+        fresh_only = False
+        replayable = body.complete and head.method in IDEMPOTENT
+        while True:
+            pool = cluster.pick(tried)
+            up = None if fresh_only else pool.take_idle()
+            reused = up is not None
+            if up is None:
+                try:
+                    up = await pool.open()
+                except UpstreamConnectError as exc:
+                    tried.append(pool.index)
+                    if len(tried) < min(len(cluster.pools), MAX_CONNECT_ATTEMPTS):
+                        continue
+                    raise _UpstreamFailed(502, exc.code) from exc
+            try:
+                try:
+                    await _send_all(up.fd, request)
+                except OSError as exc:
+                    raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
+                if not body.complete:
+                    body.started = True
+                    nursery.start_soon(self._stream_request_body, fd, buf, up.fd, body)
+                response = await self._read_response_head(fd, up, head, reused)
+            except _UpstreamFailed as exc:
+                pool.discard(up)
+                if exc.retriable and replayable and not fresh_only:
+                    self.stats.upstream_retries += 1
+                    fresh_only = True
+                    continue
+                raise
+            except BaseException:
+                pool.discard(up)
+                raise
+            return up, pool, response
+
+    async def _read_response_head(self, fd: int, up: UpstreamConn, head: RequestHead,
+                                  reused: bool) -> ResponseHead:
+        buf = up.buffer
+        limits = self.limits
+        got_any = False
+        # The reply cannot be here yet: yield once, then try, then wait.
+        await trio.lowlevel.checkpoint()
+        while True:
+            if len(buf):
+                got_any = True
+                try:
+                    response = parse_response(buf.data, buf.start, buf.end, limits, head.method)
+                except ProtocolError as exc:
+                    log.info("%s: bad response from upstream: %s", self.listener.name, exc)
+                    raise _UpstreamFailed(502, "upstream_protocol_error") from exc
+                if response is not None:
+                    buf.consume(response.size)
+                    if 100 <= response.status < 200 and response.status != 101:
+                        if head.version == 11 and response.status != 100:
+                            await self._reply(fd, response.serialize())
+                        continue  # interim response; 100 we answered ourselves
+                    return response
+            try:
+                n = buf.recv(up.fd)
+            except OSError as exc:
+                raise _UpstreamFailed(502, "upstream_reset", retriable=reused and not got_any) from exc
+            if n > 0:
+                continue
+            if n == 0:
+                raise _UpstreamFailed(502, "upstream_reset", retriable=reused and not got_any)
+            if n == -2:
+                raise _UpstreamFailed(502, "upstream_protocol_error")
+            await trio.lowlevel.wait_readable(up.fd)
+
+    async def _stream_request_body(self, fd: int, buf: RecvBuffer, up_fd: int, body: _RequestBody) -> None:
+        """Forward the rest of a request body that was not buffered with the head."""
+        try:
+            if body.scanner is None:
+                pump = SplicePump(fd, up_fd)
+                pump.limit = body.remaining
+                try:
+                    await _drive(pump)
+                finally:
+                    pump.close()
+                if pump.bytes < pump.limit:
+                    raise _ClientGone("client closed mid-body")
+            elif not await self._stream_chunked(fd, buf, up_fd, body.scanner):
+                raise _ClientGone("client closed mid-body")
+        except _PumpError as exc:
+            raise _ClientGone(f"request body: {exc}") from exc
+        body.complete = True
+
+    async def _stream_chunked(self, src: int, buf: RecvBuffer, dst: int, scanner: ChunkedScanner) -> bool:
+        """Forward a chunked body verbatim, checking its framing; False if src ended early."""
+        while not scanner.done:
+            n = buf.recv(src)
+            if n == 0:
+                return False
+            if n == -1:
+                await trio.lowlevel.wait_readable(src)
+                continue
+            count = scanner.scan(buf.data, buf.start, buf.end)
+            while count:
+                sent = buf.send_to(dst, count)
+                if sent < 0:
+                    await trio.lowlevel.wait_writable(dst)
+                else:
+                    count -= sent
+        return True
+
+    async def _forward_response(self, fd: int, head: RequestHead, response: ResponseHead,
+                                up: UpstreamConn) -> bool:
+        """Send the response head and body; True when the client connection may be reused.
+
+        A response the upstream breaks off is passed on broken (truncated,
+        then the connection closes), never completed.
+        """
+        buf = up.buffer
+        kind = response.body
+        client_keep = head.keep_alive and kind != BODY_UNTIL_CLOSE
+        if not client_keep:
+            extra = b"connection: close\r\n"
+        elif head.version == 10:
+            extra = b"connection: keep-alive\r\n"
+        else:
+            extra = b""
+        out = response.serialize(extra)
+        try:
+            if kind == BODY_NONE:
+                await _send_all(fd, out)
+            elif kind == BODY_LENGTH:
+                length = response.content_length
+                have = min(len(buf), length)
+                await _send_all(fd, out + buf.take(have) if have else out)
+                if have < length:
+                    await _pump_exactly(up.fd, fd, length - have)
+            elif kind == BODY_CHUNKED:
+                scanner = ChunkedScanner(self.limits)
+                first = scanner.scan(buf.data, buf.start, buf.end)
+                await _send_all(fd, out + buf.take(first))
+                if not await self._stream_chunked(up.fd, buf, fd, scanner):
+                    raise _ClientGone("upstream broke off the response body")
+            else:  # until close: the body ends when the upstream closes
+                await _send_all(fd, out + buf.take(len(buf)))
+                pump = SplicePump(up.fd, fd)
+                try:
+                    await _drive(pump)
+                finally:
+                    pump.close()
+        except _PumpError as exc:
+            raise _ClientGone(f"response body: {exc}") from exc
+        except ProtocolError as exc:
+            raise _ClientGone(f"upstream chunked framing: {exc}") from exc
+        except OSError as exc:
+            raise _ClientGone(f"response: {exc}") from exc
+        return client_keep
+
+    async def _tunnel(self, fd: int, buf: RecvBuffer, up: UpstreamConn, response: ResponseHead) -> None:
+        """After 101 Switching Protocols (or a CONNECT 2xx): relay bytes both ways."""
+        try:
+            await _send_all(fd, response.serialize(keep_upgrade=True) + up.buffer.take(len(up.buffer)))
+            if len(buf):
+                await _send_all(up.fd, buf.take(len(buf)))
+        except OSError as exc:
+            raise _ClientGone(f"tunnel: {exc}") from exc
+        reset_fd = await relay_until_done(self.engine, Relay(fd, up.fd, True), self.idle_timeout)
+        if reset_fd is not None and reset_fd >= 0:
+            sockops.reset_on_close(reset_fd)
+
+
+class _RequestBody:
+    """Where a request body stands: buffered with the head, or still streaming."""
+
+    __slots__ = ("scanner", "remaining", "complete", "started")
+
+    def __init__(self, head: RequestHead, limits: Limits) -> None:
+        self.scanner = ChunkedScanner(limits) if head.chunked else None
+        self.remaining = max(head.content_length, 0)  # length-delimited bytes still to come
+        self.complete = self.scanner is None and self.remaining == 0
+        self.started = False  # some of it went upstream: no local reply can follow
+
+    def take_buffered(self, buf: RecvBuffer) -> bytes:
+        """The part of the body already in `buf` (consumed from it)."""
+        if self.complete:
+            return b""
+        if self.scanner is not None:
+            data = buf.take(self.scanner.scan(buf.data, buf.start, buf.end))
+            self.complete = self.scanner.done
+            return data
+        data = buf.take(min(len(buf), self.remaining))
+        self.remaining -= len(data)
+        self.complete = self.remaining == 0
+        return data
+
+
+def _switches_protocol(head: RequestHead, response: ResponseHead) -> bool:
+    if head.method == b"CONNECT":
+        return 200 <= response.status < 300
+    return response.status == 101
+
+
+async def _pump_exactly(src: int, dst: int, length: int) -> None:
+    """Splice exactly `length` bytes src -> dst; _ClientGone if src ends early."""
+    pump = SplicePump(src, dst)
+    pump.limit = length
+    try:
+        await _drive(pump)
+    finally:
+        pump.close()
+    if pump.bytes < length:
+        raise _ClientGone("upstream broke off the response body")

@@ -1,0 +1,5 @@
+"""Upstream connections: bounded keep-alive pools per endpoint, grouped by cluster."""
+
+from .pool import EndpointPool, UpstreamConn, UpstreamCluster
+
+__all__ = ["EndpointPool", "UpstreamCluster", "UpstreamConn"]
