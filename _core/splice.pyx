@@ -530,18 +530,24 @@ cdef class RelayEngine:
             relay = <Relay><PyObject *><uintptr_t>(tag & ~(<uint64_t>1))
             if relay.finished:
                 continue
+            # Readable: pump the direction reading this fd. Writable: pump the
+            # direction writing to it, but only if it has bytes waiting (a new
+            # socket reports writable at once; reading then would find nothing).
             which = 0
-            if tag & 1:  # upstream fd: readable feeds the client, writable drains to it
+            if tag & 1:  # the upstream fd
                 if flags & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP):
                     which |= TO_CLIENT
-                if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                if flags & (EPOLLERR | EPOLLHUP) or (
+                        flags & EPOLLOUT and relay.to_upstream.pending() > 0):
                     which |= TO_UPSTREAM
             else:
                 if flags & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP):
                     which |= TO_UPSTREAM
-                if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                if flags & (EPOLLERR | EPOLLHUP) or (
+                        flags & EPOLLOUT and relay.to_client.pending() > 0):
                     which |= TO_CLIENT
-            self._service(relay, which, now, finished)
+            if which:
+                self._service(relay, which, now, finished)
         for relay in finished:
             relay.to_upstream.close()
             relay.to_client.close()
