@@ -126,6 +126,10 @@ cdef class Pump:
     # is pumped this way; reaching the limit reports PUMP_EOF with the source
     # left open, so `bytes < limit` at PUMP_EOF means the source ended early.
     cdef public long long limit
+    # Set once the source reported a FIN, reset or error. With edge-triggered
+    # readiness no further event follows, so from then on a short read must
+    # not end the call: read on until EOF, the error, or EAGAIN.
+    cdef public bint src_closing
     cdef bint src_eof
     cdef bint closed
 
@@ -251,7 +255,7 @@ cdef class SplicePump(Pump):
                     return WRITE_ERROR
             if self.src_eof:
                 return EOF
-            if drained:
+            if drained and not self.src_closing:
                 # The last read got less than it asked for: the socket is empty.
                 # Skip the read that would only say EAGAIN; new bytes bring a
                 # new readiness event.
@@ -346,7 +350,7 @@ cdef class CopyPump(Pump):
             self.end = 0
             if self.src_eof:
                 return EOF
-            if drained:
+            if drained and not self.src_closing:
                 return WANT_READ
             if moved >= budget:
                 return BUDGET
@@ -535,12 +539,16 @@ cdef class RelayEngine:
             # socket reports writable at once; reading then would find nothing).
             which = 0
             if tag & 1:  # the upstream fd
+                if flags & (EPOLLRDHUP | EPOLLERR | EPOLLHUP):
+                    relay.to_client.src_closing = True
                 if flags & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP):
                     which |= TO_CLIENT
                 if flags & (EPOLLERR | EPOLLHUP) or (
                         flags & EPOLLOUT and relay.to_upstream.pending() > 0):
                     which |= TO_UPSTREAM
             else:
+                if flags & (EPOLLRDHUP | EPOLLERR | EPOLLHUP):
+                    relay.to_upstream.src_closing = True
                 if flags & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP):
                     which |= TO_UPSTREAM
                 if flags & (EPOLLERR | EPOLLHUP) or (

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import __version__, control
-from .admin import AdminApp, AdminRequest, AdminResponse, bind_admin, serve_admin
+from .admin import AdminApp, AdminRequest, AdminResponse, bind_listening_socket, serve_admin
 from .config import Config
 from .net.listen import bind_listener, bound_address
 
@@ -51,6 +51,7 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(self.worker_count)]
         # listener name -> one listening socket per worker
         self.listen_sockets: dict[str, list[socket.socket]] = {}
+        self.admin_socket: socket.socket | None = None
         self.draining = False
         self.ready = False
         self.restarts = 0
@@ -71,12 +72,14 @@ class Supervisor:
 
     # -- lifecycle --------------------------------------------------------
     def bind(self) -> None:
-        """Bind every listener (raises UsageError on a taken address)."""
+        """Bind the admin address and every listener (UsageError on a taken address)."""
+        self.admin_socket = bind_listening_socket(self.config.admin.address)
         try:
             for listener in self.config.listeners:
                 self.listen_sockets[listener.name] = bind_listener(listener.address, self.worker_count)
         except BaseException:
             self.close_listeners()
+            self.admin_socket.close()
             raise
 
     def close_listeners(self) -> None:
@@ -87,8 +90,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until drained; returns the process exit code."""
-        admin_sockets = await bind_admin(self.config.admin.address)
-        admin_address = admin_sockets[0].getsockname()[:2]
+        admin_address = self.admin_socket.getsockname()[:2]
         listeners = ", ".join(
             f"{name}={bound_address(socks[0])}" for name, socks in self.listen_sockets.items()
         )
@@ -99,7 +101,7 @@ class Supervisor:
         exit_code = 0
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_admin, self.admin_app, admin_sockets)
+                await nursery.start(serve_admin, self.admin_app, [self.admin_socket])
                 for slot in self.slots:
                     nursery.start_soon(self._keep_running, slot)
                 nursery.start_soon(self._report_ready)

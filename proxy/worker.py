@@ -41,16 +41,21 @@ class ListenerServer:
         self._connections: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listen_fd = self.listen_fd
         try:
             async with trio.open_nursery() as self._connections:
                 with self._accepting:
                     task_status.started()
-                    await accept_loop(self.listen_fd, self._on_accept, nodelay=True)
-                # Draining: the nursery waits for the open connections.
+                    await accept_loop(listen_fd, self._on_accept, nodelay=True)
+                # Draining. Close the listening fd now (nobody waits on it once
+                # the accept loop ended), so new connections are refused rather
+                # than queued; the nursery then waits for the open ones.
+                listen_fd = -1
+                sockops.close_fd(self.listen_fd)
                 log.debug("%s: stopped accepting", self.listener.name)
         finally:
-            # Nobody waits on the fd any more (the accept loop has ended).
-            sockops.close_fd(self.listen_fd)
+            if listen_fd >= 0:
+                sockops.close_fd(listen_fd)
 
     def _on_accept(self, fd: int) -> None:
         stats = self.proxy.stats
@@ -58,7 +63,10 @@ class ListenerServer:
             stats.rejected += 1
             sockops.close_fd(fd)
             return
+        # Counted here, not when the task first runs, so one accept burst
+        # cannot overshoot the cap; `serve` uncounts it when it ends.
         stats.accepted += 1
+        stats.active += 1
         assert self._connections is not None
         self._connections.start_soon(self.proxy.serve, fd)
 
@@ -85,35 +93,41 @@ def build_servers(config: Config, listener_fds: dict[str, int], engine: RelayEng
     return servers
 
 
-async def _wait_for_drain(channel: control.ControlChannel) -> float | None:
+async def _wait_for_drain(channel: control.ControlChannel, signals: trio.abc.ReceiveChannel) -> float | None:
     """Return the drain timeout asked for, or None when orphaned or signalled."""
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            result: list[float | None] = []
+    async with trio.open_nursery() as nursery:
+        result: list[float | None] = []
 
-            async def on_signal() -> None:
-                async for _ in signals:
-                    log.info("SIGTERM: draining")
+        async def on_signal() -> None:
+            await signals.__anext__()
+            log.info("SIGTERM: draining")
+            result.append(None)
+            nursery.cancel_scope.cancel()
+
+        async def on_message() -> None:
+            while True:
+                message = await channel.receive()
+                if message is None:
+                    log.warning("supervisor is gone: draining")
                     result.append(None)
-                    nursery.cancel_scope.cancel()
+                elif isinstance(message, control.Drain):
+                    result.append(message.timeout)
+                else:
+                    log.warning("unexpected control message %r", type(message).__name__)
+                    continue
+                nursery.cancel_scope.cancel()
+                return
 
-            async def on_message() -> None:
-                while True:
-                    message = await channel.receive()
-                    if message is None:
-                        log.warning("supervisor is gone: draining")
-                        result.append(None)
-                    elif isinstance(message, control.Drain):
-                        result.append(message.timeout)
-                    else:
-                        log.warning("unexpected control message %r", type(message).__name__)
-                        continue
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(on_signal)
-            nursery.start_soon(on_message)
+        nursery.start_soon(on_signal)
+        nursery.start_soon(on_message)
     return result[0] if result else None
+
+
+async def _ignore_further_signals(signals: trio.abc.ReceiveChannel) -> None:
+    # Draining already: a second SIGTERM must not cut open connections (the
+    # supervisor kills workers itself when it is told to stop at once).
+    async for _ in signals:
+        log.info("SIGTERM while draining: already draining")
 
 
 async def run_worker(control_fd: int) -> None:
@@ -124,26 +138,28 @@ async def run_worker(control_fd: int) -> None:
     config = setup.config
     engine = RelayEngine()
     servers = build_servers(config, setup.listener_fds, engine)
-    async with trio.open_nursery() as engine_nursery:
-        engine_nursery.start_soon(run_engine, engine)
-        with trio.CancelScope() as serving:
-            async with trio.open_nursery() as nursery:
-                for server in servers:
-                    await nursery.start(server.serve)
-                await channel.send(control.Ready(setup.worker))
-                log.info("worker %d serving %d listener(s)", setup.worker, len(servers))
-                timeout = await _wait_for_drain(channel)
-                if timeout is None:
-                    timeout = config.drain_timeout
-                for server in servers:
-                    server.stop_accepting()
-                open_connections = sum(s.proxy.stats.active for s in servers)
-                log.info("worker %d draining %d connection(s), up to %gs",
-                         setup.worker, open_connections, timeout)
-                serving.deadline = trio.current_time() + timeout
-        if serving.cancelled_caught:
-            log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
-        engine_nursery.cancel_scope.cancel()
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as engine_nursery:
+            engine_nursery.start_soon(run_engine, engine)
+            with trio.CancelScope() as serving:
+                async with trio.open_nursery() as nursery:
+                    for server in servers:
+                        await nursery.start(server.serve)
+                    await channel.send(control.Ready(setup.worker))
+                    log.info("worker %d serving %d listener(s)", setup.worker, len(servers))
+                    timeout = await _wait_for_drain(channel, signals)
+                    if timeout is None:
+                        timeout = config.drain_timeout
+                    engine_nursery.start_soon(_ignore_further_signals, signals)
+                    for server in servers:
+                        server.stop_accepting()
+                    open_connections = sum(s.proxy.stats.active for s in servers)
+                    log.info("worker %d draining %d connection(s), up to %gs",
+                             setup.worker, open_connections, timeout)
+                    serving.deadline = trio.current_time() + timeout
+            if serving.cancelled_caught:
+                log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
+            engine_nursery.cancel_scope.cancel()
 
 
 def _raise_fd_limit() -> None:

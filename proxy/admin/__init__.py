@@ -1,5 +1,5 @@
 """The admin HTTP plane (h11 on Trio), served by the supervisor."""
 
-from .server import AdminApp, AdminRequest, AdminResponse, bind_admin, serve_admin
+from .server import AdminApp, AdminRequest, AdminResponse, bind_listening_socket, serve_admin
 
-__all__ = ["AdminApp", "AdminRequest", "AdminResponse", "bind_admin", "serve_admin"]
+__all__ = ["AdminApp", "AdminRequest", "AdminResponse", "bind_listening_socket", "serve_admin"]

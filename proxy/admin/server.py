@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,7 @@ import trio
 
 from .. import __version__
 from ..config import Address
+from ..errors import UsageError
 
 log = logging.getLogger("meshproxy.admin")
 
@@ -151,17 +153,30 @@ async def _serve_connection(app: HttpApp, stream: trio.SocketStream) -> None:
 
 async def serve_admin(
     app: HttpApp,
-    sockets: list[trio.socket.SocketType],
+    sockets: list[socket.socket],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on already-bound listening sockets until cancelled."""
-    listeners = [trio.SocketListener(sock) for sock in sockets]
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
     await trio.serve_listeners(lambda stream: _serve_connection(app, stream), listeners,
                                task_status=task_status)
 
 
-async def bind_admin(address: Address) -> list[trio.socket.SocketType]:
-    """Bind the admin address (port 0 picks one); raises OSError if taken."""
-    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
-    return [listener.socket for listener in listeners]
+def bind_listening_socket(address: Address) -> socket.socket:
+    """Bind and listen on the admin address (port 0 picks one)."""
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UsageError(f"admin address {address}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on admin address {address}: {exc.strerror}") from exc
+    return sock

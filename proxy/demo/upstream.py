@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
-from ..admin import AdminRequest, AdminResponse, serve_admin
+from ..admin import AdminRequest, AdminResponse, bind_listening_socket, serve_admin
 from ..config import Address
 
 log = logging.getLogger("meshproxy.demo")
@@ -28,7 +26,7 @@ class HelloApp:
 
 
 async def serve(address: Address, name: str) -> None:
-    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
-    bound = listeners[0].socket.getsockname()
+    sock = bind_listening_socket(address)
+    bound = sock.getsockname()
     log.info("demo upstream %s listening on %s:%d", name, bound[0], bound[1])
-    await serve_admin(HelloApp(name), [listener.socket for listener in listeners])
+    await serve_admin(HelloApp(name), [sock])

@@ -143,8 +143,8 @@ class Http1Proxy:
 
     # -- one client connection -------------------------------------------
     async def serve(self, client_fd: int) -> None:
+        """Serve one accepted connection (counted active by the acceptor); closes it."""
         stats = self.stats
-        stats.active += 1
         try:
             await self._serve_requests(client_fd)
         except (_ClientGone, OSError) as exc:

@@ -68,9 +68,11 @@ class TcpProxy:
         self.stats = TcpListenerStats()
 
     async def serve(self, client_fd: int) -> None:
-        """Proxy one accepted connection; always closes `client_fd`."""
+        """Proxy one accepted connection; always closes `client_fd`.
+
+        The acceptor counted the connection in `stats.active`; this uncounts it.
+        """
         stats = self.stats
-        stats.active += 1
         upstream_fd = -1
         reset_fd = -1
         try:
