@@ -44,7 +44,7 @@ Problem = tuple[tuple[str | int, ...], str]  # (location, message)
 SEMANTIC = "semantic"
 
 MAX_WORKERS = 256
-_PLANNED_LB = ("least_request", "peak_ewma", "ring_hash", "maglev")
+HASH_LB = ("ring_hash", "maglev")
 
 
 def invalid(message: str, kind: str = "invalid") -> PydanticCustomError:
@@ -239,6 +239,34 @@ def _method(value: str) -> str:
 def _path_like(value: str) -> str:
     if not value.startswith("/"):
         raise invalid('must start with "/"')
+    if "?" in value or "#" in value:
+        raise invalid("must be a path without '?' or '#' (query strings are not matched)")
+    return value
+
+
+def _host_pattern(value: str) -> str:
+    """A host name (or IPv4 address), or `*.` and a domain for any name under it; stored
+    lowercase. Requests are matched with their port removed, so none is allowed here."""
+    name = value.removeprefix("*.")
+    if ":" in name:  # a port, or an IPv6 literal
+        raise invalid(f"must be a host name or IPv4 address without a port, got {describe(value)}")
+    try:
+        canonical = _canonical_host(name)
+    except ValueError:
+        hint = "must be a host name such as 'api.example.com' or '*.example.com'"
+        raise invalid(f"{hint}, got {describe(value)}") from None
+    return value[: len(value) - len(name)] + canonical
+
+
+def _header_name(value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise invalid(f"must be a header name, got {describe(value)}")
+    return value.lower()
+
+
+def _cookie_name(value: str) -> str:
+    if not _TOKEN.fullmatch(value):  # RFC 6265: a token, and case-sensitive
+        raise invalid(f"must be a cookie name, got {describe(value)}")
     return value
 
 
@@ -248,6 +276,9 @@ def _is_pair(item: Any) -> bool:
 
 Method = Annotated[StrictStr, AfterValidator(_method)]
 PathPattern = Annotated[StrictStr, AfterValidator(_path_like)]
+HostPattern = Annotated[StrictStr, AfterValidator(_host_pattern)]
+HeaderName = Annotated[StrictStr, AfterValidator(_header_name)]
+CookieName = Annotated[StrictStr, AfterValidator(_cookie_name)]
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -291,23 +322,46 @@ class Endpoint(_Model):
         return data
 
 
+class HashOn(_Model):
+    """What a hashing balancer (ring_hash, maglev) keys on; exactly one is set."""
+
+    header: HeaderName | None = None  # stored lowercase
+    cookie: CookieName | None = None
+    source_ip: StrictBool | None = None  # only `true` selects it
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HashOn:
+        chosen = [f for f in ("header", "cookie", "source_ip") if getattr(self, f)]
+        if len(chosen) != 1:
+            found = " and ".join(chosen) if chosen else "none"
+            message = f"set exactly one of header, cookie or source_ip: true (found {found})"
+            raise _errors("HashOn", [((), message)])
+        return self
+
+
 class Cluster(_Model):
     name: Name
     endpoints: Annotated[tuple[Endpoint, ...], Field(min_length=1)]
-    lb: Literal["round_robin", "random"] = "round_robin"
+    lb: Literal["round_robin", "random", "least_request", "peak_ewma", "ring_hash", "maglev"] = (
+        "round_robin"
+    )
+    hash_on: HashOn | None = None
     connect_timeout: Duration = 1.0
 
-    @field_validator("lb", mode="before")
-    @classmethod
-    def _not_yet(cls, value: Any) -> Any:
-        if value in _PLANNED_LB:
-            raise invalid(f"{value!r} is not supported yet; use 'round_robin' or 'random'")
-        return value
+    @model_validator(mode="after")
+    def _hash_on_for_hash_lb(self) -> Cluster:
+        if self.lb in HASH_LB and self.hash_on is None:
+            raise _errors("Cluster", [(("hash_on",), f"required for lb {self.lb!r}")])
+        if self.lb not in HASH_LB and self.hash_on is not None:
+            message = f"only used by lb 'ring_hash' or 'maglev', not {self.lb!r}"
+            raise _errors("Cluster", [(("hash_on",), message)])
+        return self
 
 
 class RouteMatch(_Model):
-    prefix: PathPattern | None = None
+    prefix: PathPattern | None = None  # a plain string prefix: "/api" also matches "/apis"
     path: PathPattern | None = None
+    host: HostPattern | None = None  # "api.example.com" or "*.example.com"; any port
     headers: tuple[tuple[str, str], ...] = ()
     methods: tuple[Method, ...] = ()
 

@@ -49,7 +49,7 @@ from .._core.splice import (
 from ..config import Listener
 from ..errors import UpstreamConnectError
 from ..net.tcp_proxy import relay_until_done
-from ..route import RouteTable, pick_cluster
+from ..route import RouteTable
 from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
 from .local_reply import CONTINUE, local_reply
 
@@ -213,7 +213,7 @@ class Http1Proxy:
             close = has_body or not head.keep_alive
             await self._reply(fd, local_reply(404, "no_route", close=close, request_id=request_id))
             return not close
-        cluster = self.clusters[pick_cluster(route, random.random())]
+        cluster = self.clusters[self.routes.pick_cluster(route, random.random())]
 
         forwarded_for = head.get(b"x-forwarded-for")
         extra = [b"x-forwarded-for: ", forwarded_for + b", " + peer if forwarded_for else peer,

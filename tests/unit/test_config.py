@@ -20,6 +20,7 @@ from proxy.config import (
     ConfigError,
     Endpoint,
     FieldError,
+    HashOn,
     Listener,
     Node,
     Route,
@@ -80,7 +81,7 @@ def tcp_config(**overrides: str) -> str:
 
 def test_public_surface():
     assert set(proxy.config.__all__) == {
-        "Address", "Admin", "Cluster", "Config", "ConfigError", "Endpoint", "FieldError",
+        "Address", "Admin", "Cluster", "Config", "ConfigError", "Endpoint", "FieldError", "HashOn",
         "Listener", "Node", "Route", "RouteMatch", "WeightedCluster",
         "config_to_dict", "load_config", "parse_config",
     }
@@ -259,6 +260,40 @@ def test_route_match_headers_are_lowercased_sorted_pairs():
     match = RouteMatch(headers={"X-B": "2", "x-a": "1"}, methods=["get", "Post"])
     assert match.headers == (("x-a", "1"), ("x-b", "2"))
     assert match.methods == ("GET", "POST")
+
+
+@pytest.mark.parametrize(
+    ("host", "stored"),
+    [("API.Example.com", "api.example.com"), ("*.Example.COM", "*.example.com"),
+     ("localhost", "localhost"), ("10.0.0.7", "10.0.0.7")],
+)
+def test_route_match_host_is_stored_lowercase(host, stored):
+    assert RouteMatch(host=host).host == stored
+
+
+@pytest.mark.parametrize("lb", ["round_robin", "random", "least_request", "peak_ewma"])
+def test_every_lb_policy_without_hash_on(lb):
+    clusters = f"clusters: [{{name: up, endpoints: ['a:1'], lb: {lb}}}]"
+    config = parse_config(tcp_config(clusters=clusters))
+    assert (config.cluster("up").lb, config.cluster("up").hash_on) == (lb, None)
+
+
+@pytest.mark.parametrize(
+    ("hash_on", "expected"),
+    [
+        ("{header: X-User}", HashOn(header="x-user")),
+        ("{cookie: Session}", HashOn(cookie="Session")),  # cookie names are case-sensitive
+        ("{source_ip: true}", HashOn(source_ip=True)),
+    ],
+)
+@pytest.mark.parametrize("lb", ["ring_hash", "maglev"])
+def test_hash_lb_with_hash_on(lb, hash_on, expected):
+    clusters = f"clusters: [{{name: up, endpoints: ['a:1'], lb: {lb}, hash_on: {hash_on}}}]"
+    config = parse_config(tcp_config(clusters=clusters))
+    assert config.cluster("up").hash_on == expected
+    data = config_to_dict(config)
+    assert len(data["clusters"][0]["hash_on"]) == 1  # written back as it was given
+    assert parse_config(json.dumps(data)) == config
 
 
 def test_admin_off_loopback_is_fine_with_a_token_file():

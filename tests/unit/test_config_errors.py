@@ -209,15 +209,43 @@ def test_non_positive_endpoint_weight(weight):
     assert_error(text, "clusters[3].endpoints[1].weight", f"must be greater than 0, got {weight}")
 
 
-@pytest.mark.parametrize("lb", ["least_request", "peak_ewma", "ring_hash", "maglev"])
-def test_planned_lb_policies_are_rejected_by_name(lb):
-    text = edit(POSTGRES, POSTGRES.replace("}", f", lb: {lb}}}"))
-    assert_error(text, "clusters[3].lb", f"'{lb}' is not supported yet; use 'round_robin' or 'random'")
-
-
 def test_unknown_lb_policy():
     text = edit(POSTGRES, POSTGRES.replace("}", ", lb: fastest}"))
-    assert_error(text, "clusters[3].lb", "must be 'round_robin' or 'random', got 'fastest'")
+    assert_error(text, "clusters[3].lb", "must be 'round_robin', 'random', 'least_request', "
+                 "'peak_ewma', 'ring_hash' or 'maglev', got 'fastest'")
+
+
+@pytest.mark.parametrize("lb", ["ring_hash", "maglev"])
+def test_hash_lb_needs_hash_on(lb):
+    text = edit(POSTGRES, POSTGRES.replace("}", f", lb: {lb}}}"))
+    assert errors(text) == {"clusters[3].hash_on": f"required for lb '{lb}'"}
+
+
+@pytest.mark.parametrize("lb", ["round_robin", "random", "least_request", "peak_ewma"])
+def test_hash_on_is_only_for_hash_lb(lb):
+    text = edit(POSTGRES, POSTGRES.replace("}", f", lb: {lb}, hash_on: {{source_ip: true}}}}"))
+    assert errors(text) == {
+        "clusters[3].hash_on": f"only used by lb 'ring_hash' or 'maglev', not '{lb}'",
+    }
+
+
+@pytest.mark.parametrize(
+    ("hash_on", "path", "message"),
+    [
+        ("{}", "", "set exactly one of header, cookie or source_ip: true (found none)"),
+        ("{source_ip: false}", "", "set exactly one of header, cookie or source_ip: true (found none)"),
+        ("{header: x-user, cookie: session}", "",
+         "set exactly one of header, cookie or source_ip: true (found header and cookie)"),
+        ("{header: 'x user'}", ".header", "must be a header name, got 'x user'"),
+        ("{cookie: 'a;b'}", ".cookie", "must be a cookie name, got 'a;b'"),
+        ("{source_ip: 'yes'}", ".source_ip", "must be true or false, got 'yes'"),
+        ("{ip: true}", ".ip", "unknown field"),
+        ("x-user", "", "must be a mapping, got 'x-user'"),
+    ],
+)
+def test_bad_hash_on(hash_on, path, message):
+    text = edit(POSTGRES, POSTGRES.replace("}", f", lb: maglev, hash_on: {hash_on}}}"))
+    assert errors(text) == {f"clusters[3].hash_on{path}": message}
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -232,6 +260,34 @@ def test_prefix_must_start_with_slash():
 def test_path_must_start_with_slash():
     text = edit(API_MATCH, "match: {path: healthz}")
     assert_error(text, "listeners[0].routes[0].match.path", 'must start with "/"')
+
+
+@pytest.mark.parametrize("pattern", ["{prefix: '/api?v=1'}", "{path: '/a#b'}"])
+def test_paths_cannot_hold_a_query(pattern):
+    (message,) = errors(edit(API_MATCH, f"match: {pattern}")).values()
+    assert message == "must be a path without '?' or '#' (query strings are not matched)"
+
+
+HOST_HINT = "must be a host name such as 'api.example.com' or '*.example.com'"
+NO_PORT = "must be a host name or IPv4 address without a port"
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("api.example.com:8080", f"{NO_PORT}, got 'api.example.com:8080'"),
+        ("'[::1]'", f"{NO_PORT}, got '[::1]'"),
+        ("'*.'", f"{HOST_HINT}, got '*.'"),
+        ("'*'", f"{HOST_HINT}, got '*'"),
+        ("'*.*.example.com'", f"{HOST_HINT}, got '*.*.example.com'"),
+        ("'api.*.com'", f"{HOST_HINT}, got 'api.*.com'"),
+        ("bad_host", f"{HOST_HINT}, got 'bad_host'"),
+        ("80", "must be a string, got 80"),
+    ],
+)
+def test_bad_host_match(host, message):
+    text = edit(API_MATCH, f"match: {{prefix: /api, host: {host}}}")
+    assert errors(text) == {"listeners[0].routes[0].match.host": message}
 
 
 def test_prefix_and_path_are_exclusive():
@@ -395,7 +451,7 @@ listeners:
 clusters:
   - name: web
     endpoints: [xyz, {address: 127.0.0.1:9002, weight: -1}]
-    lb: maglev
+    lb: fastest
     connect_timeout: 0s
   - name: web
     endpoints: []
@@ -420,7 +476,8 @@ def test_all_errors_are_reported_at_once():
         "listeners[2].address": "127.0.0.1:8080 clashes with listeners[1].address 0.0.0.0:8080",
         "clusters[0].endpoints[0].address": "must be host:port, got 'xyz'",
         "clusters[0].endpoints[1].weight": "must be greater than 0, got -1",
-        "clusters[0].lb": "'maglev' is not supported yet; use 'round_robin' or 'random'",
+        "clusters[0].lb": "must be 'round_robin', 'random', 'least_request', 'peak_ewma', "
+                          "'ring_hash' or 'maglev', got 'fastest'",
         "clusters[0].connect_timeout": "must be greater than 0, got '0s'",
         "clusters[1].endpoints": "must not be empty",
         "clusters[1].name": "duplicate cluster name 'web' (also clusters[0])",
