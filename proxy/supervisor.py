@@ -168,8 +168,10 @@ class Supervisor:
     async def _run_worker(self, slot: WorkerSlot) -> int | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = {name: socks[slot.index].fileno() for name, socks in self.listen_sockets.items()}
+        # -P: never put the working directory on sys.path, so a worker started
+        # from a source checkout still imports the installed (compiled) package.
         command = [
-            sys.executable, "-m", "proxy.worker",
+            sys.executable, "-P", "-m", "proxy.worker",
             "--control-fd", str(theirs.fileno()),
             "--index", str(slot.index),
             "--log-level", self.log_level,
