@@ -19,20 +19,24 @@ import trio
 
 from . import control
 from ._core import sockops
-from .cluster import make_balancer
 from .config import Config, Listener
 from .logs import LEVELS, setup_logging
 from .net.accept import accept_loop
 from ._core.splice import RelayEngine
+from .http.h1proxy import Http1Proxy
 from .net.tcp_proxy import TcpProxy, run_engine
+from .upstream import UpstreamCluster
 
 log = logging.getLogger("meshproxy.worker")
+
+POOL_SWEEP_INTERVAL = 5.0
 
 
 class ListenerServer:
     """Accepts on one listening fd and runs each connection as a task it owns."""
 
-    def __init__(self, listener: Listener, listen_fd: int, proxy: TcpProxy, max_connections: int | None):
+    def __init__(self, listener: Listener, listen_fd: int, proxy: TcpProxy | Http1Proxy,
+                 max_connections: int | None):
         self.listener = listener
         self.listen_fd = listen_fd
         self.proxy = proxy
@@ -81,16 +85,27 @@ def _share(limit: int | None, workers: int) -> int | None:
     return max(1, -(-limit // workers))
 
 
-def build_servers(config: Config, listener_fds: dict[str, int], engine: RelayEngine) -> list[ListenerServer]:
+def build_servers(config: Config, listener_fds: dict[str, int], engine: RelayEngine,
+                  clusters: dict[str, UpstreamCluster]) -> list[ListenerServer]:
+    """The assembly point: each listener's handler over the shared clusters."""
     servers = []
     for listener in config.listeners:
-        if listener.protocol != "tcp":
-            raise SystemExit(f"listener {listener.name}: protocol {listener.protocol!r} is not served yet")
-        cluster = config.cluster(listener.cluster)
-        proxy = TcpProxy(listener, cluster, make_balancer(cluster), engine)
+        handler: TcpProxy | Http1Proxy
+        if listener.protocol == "tcp":
+            handler = TcpProxy(listener, clusters[listener.cluster], engine)
+        else:
+            handler = Http1Proxy(listener, clusters, engine)
         cap = _share(listener.max_connections, config.worker_count)
-        servers.append(ListenerServer(listener, listener_fds[listener.name], proxy, cap))
+        servers.append(ListenerServer(listener, listener_fds[listener.name], handler, cap))
     return servers
+
+
+async def _sweep_idle_upstreams(clusters: dict[str, UpstreamCluster]) -> None:
+    """Close pooled upstream connections that sat idle too long."""
+    while True:
+        await trio.sleep(POOL_SWEEP_INTERVAL)
+        for cluster in clusters.values():
+            cluster.close_expired()
 
 
 async def _wait_for_drain(channel: control.ControlChannel, signals: trio.abc.ReceiveChannel) -> float | None:
@@ -137,10 +152,12 @@ async def run_worker(control_fd: int) -> None:
         raise SystemExit("worker: expected a Setup message from the supervisor")
     config = setup.config
     engine = RelayEngine()
-    servers = build_servers(config, setup.listener_fds, engine)
+    clusters = {cluster.name: UpstreamCluster(cluster) for cluster in config.clusters}
+    servers = build_servers(config, setup.listener_fds, engine, clusters)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as engine_nursery:
             engine_nursery.start_soon(run_engine, engine)
+            engine_nursery.start_soon(_sweep_idle_upstreams, clusters)
             with trio.CancelScope() as serving:
                 async with trio.open_nursery() as nursery:
                     for server in servers:
@@ -160,6 +177,8 @@ async def run_worker(control_fd: int) -> None:
             if serving.cancelled_caught:
                 log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
             engine_nursery.cancel_scope.cancel()
+    for cluster in clusters.values():
+        cluster.close()
 
 
 def _raise_fd_limit() -> None:

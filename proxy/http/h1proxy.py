@@ -15,8 +15,10 @@ reply right after the request, the next request on a kept-alive connection) is
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -60,6 +62,9 @@ CLIENT_BUFFER = 16384
 # upstream has to start its response, connect and request body included.
 DEFAULT_ROUTE_TIMEOUT = 15.0
 MAX_CONNECT_ATTEMPTS = 5
+# A body transfer that makes no progress for this long is abandoned (Envoy's
+# stream_idle_timeout default).
+STREAM_IDLE_TIMEOUT = 300.0
 # Safe to send twice (RFC 9110 9.2.2): retried once on a fresh connection when
 # a reused one turns out dead before any response byte.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -91,8 +96,8 @@ class _UpstreamFailed(Exception):
         self.retriable = retriable  # nothing of a response arrived on a reused connection
 
 
-async def _send_all(fd: int, data: bytes) -> None:
-    """Write all of `data`; OSError when the peer is gone."""
+async def _send_all(fd: int, data: bytes, idle: float = STREAM_IDLE_TIMEOUT) -> None:
+    """Write all of `data`; OSError when the peer is gone or stops reading for `idle`."""
     offset = 0
     total = len(data)
     while offset < total:
@@ -100,19 +105,27 @@ async def _send_all(fd: int, data: bytes) -> None:
         if sent >= 0:
             offset += sent
         else:
-            await trio.lowlevel.wait_writable(fd)
+            await _wait(trio.lowlevel.wait_writable, fd, idle)
 
 
-async def _drive(pump: SplicePump) -> None:
-    """Run a one-direction pump to its end; PUMP_*_ERROR raise as OSError."""
+async def _wait(wait: Callable[[int], Awaitable[None]], fd: int, idle: float) -> None:
+    """Wait for readiness; TimeoutError after `idle` seconds without it."""
+    with trio.move_on_after(idle):
+        await wait(fd)
+        return
+    raise TimeoutError(errno.ETIMEDOUT, f"no progress for {idle:g}s")
+
+
+async def _drive(pump: SplicePump, idle: float = STREAM_IDLE_TIMEOUT) -> None:
+    """Run a one-direction pump to its end; errors and stalls raise OSError."""
     wait_readable = trio.lowlevel.wait_readable
     wait_writable = trio.lowlevel.wait_writable
     while True:
         status = pump.pump()
         if status == PUMP_WANT_READ:
-            await wait_readable(pump.src)
+            await _wait(wait_readable, pump.src, idle)
         elif status == PUMP_WANT_WRITE:
-            await wait_writable(pump.dst)
+            await _wait(wait_writable, pump.dst, idle)
         elif status == PUMP_BUDGET:
             await trio.lowlevel.checkpoint()
         elif status == PUMP_EOF:
@@ -206,11 +219,10 @@ class Http1Proxy:
     # -- one request -------------------------------------------------------
     async def _exchange(self, fd: int, buf: RecvBuffer, head: RequestHead, peer: bytes) -> bool:
         """Proxy one request; True when the client connection stays open."""
-        has_body = head.chunked or head.content_length > 0
         route = self.routes.match(head.method, head.host, head.path, head.get)
         request_id = head.get(b"x-request-id")
         if route is None:
-            close = has_body or not head.keep_alive
+            close = head.chunked or head.content_length > 0 or not head.keep_alive
             await self._reply(fd, local_reply(404, "no_route", close=close, request_id=request_id))
             return not close
         cluster = self.clusters[self.routes.pick_cluster(route, random.random())]
@@ -222,7 +234,7 @@ class Http1Proxy:
             request_id = b"%032x" % random.getrandbits(128)
             extra += [b"x-request-id: ", request_id, b"\r\n"]
         tunnel = head.upgrade is not None or head.method == b"CONNECT"
-        request = head.serialize(b"".join(extra), keep_upgrade=tunnel, drop=REPLACED_HEADERS)
+        request = head.serialize(b"".join(extra), tunnel, REPLACED_HEADERS)
 
         if head.expect_continue and head.version == 11:
             # Answer 100 Continue ourselves (as Envoy does by default) so the
@@ -232,45 +244,59 @@ class Http1Proxy:
         # Whatever of the body is already buffered goes out with the head.
         body = _RequestBody(head, self.limits)
         try:
-            request += body.take_buffered(buf)
+            prefix = body.take_buffered(buf)
         except ProtocolError as exc:
             await self._reply(fd, local_reply(exc.status, exc.code, str(exc), close=True))
             return False
+        if prefix:
+            request += prefix
 
-        up: UpstreamConn | None = None
-        pool = None
+        deadline = trio.current_time() + (route.timeout or DEFAULT_ROUTE_TIMEOUT)
         try:
+            if body.complete:
+                # The common case needs no second task and no cancel scope:
+                # timeouts apply where the driver actually waits.
+                return await self._proxy(fd, buf, head, cluster, request, body, deadline, tunnel, None)
             async with trio.open_nursery() as nursery:
-                with trio.move_on_after(route.timeout or DEFAULT_ROUTE_TIMEOUT) as deadline:
-                    up, pool, response = await self._send_and_await_head(
-                        cluster, request, head, fd, buf, body, nursery
-                    )
-                if deadline.cancelled_caught:
-                    raise _UpstreamFailed(504, "upstream_timeout")
-                if tunnel and _switches_protocol(head, response):
-                    await self._tunnel(fd, buf, up, response)
-                    return False
-                client_keep = await self._forward_response(fd, head, response, up)
+                keep = await self._proxy(fd, buf, head, cluster, request, body, deadline, tunnel, nursery)
                 if not body.complete:
                     # The upstream answered before reading the whole body:
                     # neither connection has a known message boundary now.
                     nursery.cancel_scope.cancel()
                     return False
-            if response.keep_alive:
-                pool.give_back(up)
-                up = None
-            return client_keep
+                return keep
         except _UpstreamFailed as exc:
-            if exc.code == "upstream_timeout" or not body.started:
+            log.info("%s: %s %s -> %d %s", self.listener.name, head.method.decode("latin-1"),
+                     head.path[:200].decode("latin-1"), exc.status, exc.code)
+            if not body.started:
                 await self._reply(fd, local_reply(exc.status, exc.code, close=True, request_id=request_id))
             return False
-        finally:
-            if up is not None and pool is not None:
-                pool.discard(up)
+
+    async def _proxy(self, fd: int, buf: RecvBuffer, head: RequestHead, cluster: UpstreamCluster,
+                     request: bytes, body: _RequestBody, deadline: float, tunnel: bool,
+                     nursery: trio.Nursery | None) -> bool:
+        up, pool, response = await self._send_and_await_head(cluster, request, head, fd, buf, body,
+                                                             deadline, nursery)
+        try:
+            if tunnel and _switches_protocol(head, response):
+                await self._tunnel(fd, buf, up, response)
+                return False
+            client_keep = await self._forward_response(fd, head, response, up)
+        except BaseException:
+            pool.discard(up)
+            raise
+        # Only now, with the response fully written to the client, may the
+        # upstream connection serve another request.
+        if response.keep_alive and body.complete:
+            pool.give_back(up)
+        else:
+            pool.discard(up)
+        return client_keep
 
     async def _send_and_await_head(self, cluster: UpstreamCluster, request: bytes, head: RequestHead,
-                                   fd: int, buf: RecvBuffer, body: _RequestBody,
-                                   nursery: trio.Nursery) -> tuple[UpstreamConn, EndpointPool, ResponseHead]:
+                                   fd: int, buf: RecvBuffer, body: _RequestBody, deadline: float,
+                                   nursery: trio.Nursery | None
+                                   ) -> tuple[UpstreamConn, EndpointPool, ResponseHead]:
         """Connect (or reuse), send the request, return the response head.
 
         A reused connection that turns out dead before any response byte is
@@ -285,21 +311,25 @@ class Http1Proxy:
             reused = up is not None
             if up is None:
                 try:
-                    up = await pool.open()
+                    with trio.move_on_at(deadline):
+                        up = await pool.open()
                 except UpstreamConnectError as exc:
                     tried.append(pool.index)
                     if len(tried) < min(len(cluster.pools), MAX_CONNECT_ATTEMPTS):
                         continue
                     raise _UpstreamFailed(502, exc.code) from exc
+                if up is None:
+                    raise _UpstreamFailed(504, "upstream_timeout")
             try:
                 try:
                     await _send_all(up.fd, request)
                 except OSError as exc:
                     raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
                 if not body.complete:
+                    assert nursery is not None
                     body.started = True
                     nursery.start_soon(self._stream_request_body, fd, buf, up.fd, body)
-                response = await self._read_response_head(fd, up, head, reused)
+                response = await self._read_response_head(fd, up, head, reused, deadline)
             except _UpstreamFailed as exc:
                 pool.discard(up)
                 if exc.retriable and replayable and not fresh_only:
@@ -313,7 +343,7 @@ class Http1Proxy:
             return up, pool, response
 
     async def _read_response_head(self, fd: int, up: UpstreamConn, head: RequestHead,
-                                  reused: bool) -> ResponseHead:
+                                  reused: bool, deadline: float) -> ResponseHead:
         buf = up.buffer
         limits = self.limits
         got_any = False
@@ -344,7 +374,10 @@ class Http1Proxy:
                 raise _UpstreamFailed(502, "upstream_reset", retriable=reused and not got_any)
             if n == -2:
                 raise _UpstreamFailed(502, "upstream_protocol_error")
-            await trio.lowlevel.wait_readable(up.fd)
+            with trio.move_on_at(deadline):
+                await trio.lowlevel.wait_readable(up.fd)
+                continue
+            raise _UpstreamFailed(504, "upstream_timeout")
 
     async def _stream_request_body(self, fd: int, buf: RecvBuffer, up_fd: int, body: _RequestBody) -> None:
         """Forward the rest of a request body that was not buffered with the head."""
@@ -371,13 +404,13 @@ class Http1Proxy:
             if n == 0:
                 return False
             if n == -1:
-                await trio.lowlevel.wait_readable(src)
+                await _wait(trio.lowlevel.wait_readable, src, STREAM_IDLE_TIMEOUT)
                 continue
             count = scanner.scan(buf.data, buf.start, buf.end)
             while count:
                 sent = buf.send_to(dst, count)
                 if sent < 0:
-                    await trio.lowlevel.wait_writable(dst)
+                    await _wait(trio.lowlevel.wait_writable, dst, STREAM_IDLE_TIMEOUT)
                 else:
                     count -= sent
         return True

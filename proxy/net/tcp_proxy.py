@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from .._core import sockops
 from .._core.splice import Relay, RelayEngine, monotonic
-from ..cluster import Balancer
-from ..config import Cluster, Listener
+from ..config import Listener
 from ..errors import UpstreamConnectError
 from .connect import connect
+
+if TYPE_CHECKING:
+    from ..upstream import UpstreamCluster
 
 log = logging.getLogger("meshproxy.tcp")
 
@@ -60,11 +63,14 @@ async def run_engine(engine: RelayEngine) -> None:
 class TcpProxy:
     """Serves the connections of one tcp listener in one worker."""
 
-    def __init__(self, listener: Listener, cluster: Cluster, balancer: Balancer, engine: RelayEngine):
+    def __init__(self, listener: Listener, cluster: UpstreamCluster, engine: RelayEngine):
         self.listener = listener
-        self.cluster = cluster
-        self.balancer = balancer
+        self.cluster = cluster.config
+        self.balancer = cluster.balancer
         self.engine = engine
+        hash_on = cluster.config.hash_on
+        # Only the source address exists at L4; header/cookie keys fall back to random.
+        self.hash_source_ip = hash_on is not None and bool(hash_on.source_ip)
         self.stats = TcpListenerStats()
 
     async def serve(self, client_fd: int) -> None:
@@ -74,33 +80,43 @@ class TcpProxy:
         """
         stats = self.stats
         upstream_fd = -1
+        endpoint = -1
         reset_fd = -1
         try:
             try:
-                upstream_fd = await self._connect()
+                upstream_fd, endpoint, connect_time = await self._connect(client_fd)
             except UpstreamConnectError as exc:
                 stats.connect_failures += 1
                 log.info("%s: closing client: %s", self.listener.name, exc)
                 return
+            # For L4 the balancer's "request" is the connection: least_request
+            # counts open connections, peak_ewma learns connect latency.
+            self.balancer.on_request_start(endpoint)
             reset_fd = await self._relay(client_fd, upstream_fd)
         finally:
             stats.active -= 1
+            if endpoint >= 0 and upstream_fd >= 0:
+                self.balancer.on_request_end(endpoint, connect_time)
             for fd in (client_fd, upstream_fd):
                 if fd == reset_fd:
                     sockops.reset_close(fd)
                 elif fd >= 0:
                     sockops.close_fd(fd)
 
-    async def _connect(self) -> int:
+    async def _connect(self, client_fd: int) -> tuple[int, int, float]:
+        """(fd, endpoint index, seconds the connect took), trying endpoints in turn."""
         endpoints = self.cluster.endpoints
         timeout = self.cluster.connect_timeout
+        key = sockops.peer_ip(client_fd).encode() if self.hash_source_ip else None
         tried: list[int] = []
         last_error: UpstreamConnectError | None = None
         for _ in range(min(len(endpoints), MAX_CONNECT_ATTEMPTS)):
-            index = self.balancer.pick(tried)
+            index = self.balancer.pick(tried, key)
             tried.append(index)
+            started = monotonic()
             try:
-                return await connect(endpoints[index].address, timeout)
+                fd = await connect(endpoints[index].address, timeout)
+                return fd, index, monotonic() - started
             except UpstreamConnectError as exc:
                 log.debug("%s: %s", self.listener.name, exc)
                 last_error = exc
