@@ -69,5 +69,5 @@ def test_importing_a_pure_module_loads_no_trio(module):
         f"import sys, {module}; print(sorted(m for m in sys.modules"
         f" if m == 'trio' or m.startswith('proxy._core') and m not in {allowed!r}))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
