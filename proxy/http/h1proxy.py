@@ -96,9 +96,11 @@ class _UpstreamFailed(Exception):
         self.retriable = retriable  # nothing of a response arrived on a reused connection
 
 
-async def _send_all(fd: int, data: bytes, idle: float = STREAM_IDLE_TIMEOUT) -> None:
-    """Write all of `data`; OSError when the peer is gone or stops reading for `idle`."""
-    offset = 0
+async def _send_all(fd: int, data: bytes, idle: float = STREAM_IDLE_TIMEOUT, offset: int = 0) -> None:
+    """Write all of `data`; OSError when the peer is gone or stops reading for `idle`.
+
+    Hot paths try `send_from` first and call this only for what is left.
+    """
     total = len(data)
     while offset < total:
         sent = send_from(fd, data, offset)
@@ -219,7 +221,8 @@ class Http1Proxy:
     # -- one request -------------------------------------------------------
     async def _exchange(self, fd: int, buf: RecvBuffer, head: RequestHead, peer: bytes) -> bool:
         """Proxy one request; True when the client connection stays open."""
-        route = self.routes.match(head.method, head.host, head.path, head.get)
+        # A CONNECT target has no path; it matches routes as "/" would.
+        route = self.routes.match(head.method, head.host, head.path or b"/", head.get)
         request_id = head.get(b"x-request-id")
         if route is None:
             close = head.chunked or head.content_length > 0 or not head.keep_alive
@@ -228,7 +231,10 @@ class Http1Proxy:
         cluster = self.clusters[self.routes.pick_cluster(route, random.random())]
 
         forwarded_for = head.get(b"x-forwarded-for")
-        extra = [b"x-forwarded-for: ", forwarded_for + b", " + peer if forwarded_for else peer,
+        if forwarded_for is not None:
+            # Every hop of every field line, then ours (field lines combine with ", ").
+            forwarded_for = b", ".join(head.get_all(b"x-forwarded-for")) + b", " + peer
+        extra = [b"x-forwarded-for: ", forwarded_for or peer,
                  b"\r\nx-forwarded-proto: http\r\n"]
         if request_id is None:
             request_id = b"%032x" % random.getrandbits(128)
@@ -241,15 +247,16 @@ class Http1Proxy:
             # client sends its body without waiting on the upstream.
             await self._reply(fd, CONTINUE)
 
-        # Whatever of the body is already buffered goes out with the head.
-        body = _RequestBody(head, self.limits)
-        try:
-            prefix = body.take_buffered(buf)
-        except ProtocolError as exc:
-            await self._reply(fd, local_reply(exc.status, exc.code, str(exc), close=True))
-            return False
-        if prefix:
-            request += prefix
+        if head.chunked or head.content_length > 0:
+            # Whatever of the body is already buffered goes out with the head.
+            body = _RequestBody(head, self.limits)
+            try:
+                request += body.take_buffered(buf)
+            except ProtocolError as exc:
+                await self._reply(fd, local_reply(exc.status, exc.code, str(exc), close=True))
+                return False
+        else:
+            body = _NO_BODY
 
         deadline = trio.current_time() + (route.timeout or DEFAULT_ROUTE_TIMEOUT)
         try:
@@ -273,7 +280,7 @@ class Http1Proxy:
             return False
 
     async def _proxy(self, fd: int, buf: RecvBuffer, head: RequestHead, cluster: UpstreamCluster,
-                     request: bytes, body: _RequestBody, deadline: float, tunnel: bool,
+                     request: bytes, body: _RequestBody | _NoBody, deadline: float, tunnel: bool,
                      nursery: trio.Nursery | None) -> bool:
         up, pool, response = await self._send_and_await_head(cluster, request, head, fd, buf, body,
                                                              deadline, nursery)
@@ -294,7 +301,7 @@ class Http1Proxy:
         return client_keep
 
     async def _send_and_await_head(self, cluster: UpstreamCluster, request: bytes, head: RequestHead,
-                                   fd: int, buf: RecvBuffer, body: _RequestBody, deadline: float,
+                                   fd: int, buf: RecvBuffer, body: _RequestBody | _NoBody, deadline: float,
                                    nursery: trio.Nursery | None
                                    ) -> tuple[UpstreamConn, EndpointPool, ResponseHead]:
         """Connect (or reuse), send the request, return the response head.
@@ -307,7 +314,7 @@ class Http1Proxy:
         replayable = body.complete and head.method in IDEMPOTENT
         while True:
             pool = cluster.pick(tried)
-            up = None if fresh_only else pool.take_idle()
+            up = None if fresh_only else pool.take_idle(check=not replayable)
             reused = up is not None
             if up is None:
                 try:
@@ -322,14 +329,20 @@ class Http1Proxy:
                     raise _UpstreamFailed(504, "upstream_timeout")
             try:
                 try:
-                    await _send_all(up.fd, request)
+                    sent = send_from(up.fd, request, 0)
+                    if sent != len(request):
+                        await _send_all(up.fd, request, offset=max(sent, 0))
                 except OSError as exc:
                     raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
                 if not body.complete:
                     assert nursery is not None
                     body.started = True
                     nursery.start_soon(self._stream_request_body, fd, buf, up.fd, body)
-                response = await self._read_response_head(fd, up, head, reused, deadline)
+                # The reply cannot be here yet: yield once, then try, then wait.
+                await trio.lowlevel.checkpoint()
+                response = self._parsed_response(up, head)
+                if response is None:
+                    response = await self._read_response_head(fd, up, head, reused, deadline)
             except _UpstreamFailed as exc:
                 pool.discard(up)
                 if exc.retriable and replayable and not fresh_only:
@@ -342,13 +355,29 @@ class Http1Proxy:
                 raise
             return up, pool, response
 
+    def _parsed_response(self, up: UpstreamConn, head: RequestHead) -> ResponseHead | None:
+        """The final response head if one recv brings it whole, else None (no state changed).
+
+        The fast path: one read, one parse. Anything else (nothing yet, a
+        partial head, an interim 1xx, errors) is left to `_read_response_head`.
+        """
+        buf = up.buffer
+        try:
+            if buf.recv(up.fd) <= 0:
+                return None
+            response = parse_response(buf.data, buf.start, buf.end, self.limits, head.method)
+        except (OSError, ProtocolError):
+            return None  # the slow path reads the same state again and reports it
+        if response is None or response.status < 200:
+            return None
+        buf.consume(response.size)
+        return response
+
     async def _read_response_head(self, fd: int, up: UpstreamConn, head: RequestHead,
                                   reused: bool, deadline: float) -> ResponseHead:
         buf = up.buffer
         limits = self.limits
         got_any = False
-        # The reply cannot be here yet: yield once, then try, then wait.
-        await trio.lowlevel.checkpoint()
         while True:
             if len(buf):
                 got_any = True
@@ -438,12 +467,20 @@ class Http1Proxy:
             elif kind == BODY_LENGTH:
                 length = response.content_length
                 have = min(len(buf), length)
-                await _send_all(fd, out + buf.take(have) if have else out)
+                if have:
+                    out += buf.take(have)
+                sent = send_from(fd, out, 0)
+                if sent != len(out):
+                    await _send_all(fd, out, offset=max(sent, 0))
                 if have < length:
                     await _pump_exactly(up.fd, fd, length - have)
             elif kind == BODY_CHUNKED:
-                scanner = ChunkedScanner(self.limits)
-                first = scanner.scan(buf.data, buf.start, buf.end)
+                scanner = ChunkedScanner(self.limits, response=True)
+                try:
+                    first = scanner.scan(buf.data, buf.start, buf.end)
+                except ProtocolError as exc:
+                    # Nothing went to the client yet: it still gets a reply.
+                    raise _UpstreamFailed(502, "upstream_protocol_error") from exc
                 await _send_all(fd, out + buf.take(first))
                 if not await self._stream_chunked(up.fd, buf, fd, scanner):
                     raise _ClientGone("upstream broke off the response body")
@@ -498,6 +535,17 @@ class _RequestBody:
         self.remaining -= len(data)
         self.complete = self.remaining == 0
         return data
+
+
+class _NoBody:
+    """The body of a request without one: complete from the start, never streamed."""
+
+    __slots__ = ()
+    complete = True
+    started = False
+
+
+_NO_BODY = _NoBody()
 
 
 def _switches_protocol(head: RequestHead, response: ResponseHead) -> bool:

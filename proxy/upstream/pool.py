@@ -25,6 +25,7 @@ from ..net.connect import connect
 MAX_IDLE_PER_ENDPOINT = 128
 IDLE_TIMEOUT = 50.0
 RESPONSE_BUFFER = 65536
+FRESH_IDLE = 1.0
 
 
 class UpstreamConn:
@@ -55,12 +56,20 @@ class EndpointPool:
         self.reused = 0
         self.active = 0  # connections handed out and not yet returned or closed
 
-    def take_idle(self) -> UpstreamConn | None:
+    def take_idle(self, check: bool = True) -> UpstreamConn | None:
+        """The most recently used idle connection that is still open.
+
+        With `check` false, a connection idle for less than FRESH_IDLE is
+        taken without the peek syscall: upstreams close idle connections
+        after seconds, and a request that finds one closed anyway is retried
+        (the caller passes `check=False` only for requests it may replay).
+        """
         idle = self._idle
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since > IDLE_TIMEOUT or peer_closed(conn.fd):
+            quiet = now - conn.idle_since
+            if quiet > IDLE_TIMEOUT or ((check or quiet > FRESH_IDLE) and peer_closed(conn.fd)):
                 conn.close()
                 continue
             self.reused += 1
