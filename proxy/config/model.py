@@ -430,6 +430,14 @@ class Route(_Model):
         return self
 
 
+class HttpLimits(_Model):
+    """Bounds on what an HTTP/1.1 client may send in one request head."""
+
+    max_request_line: Annotated[StrictInt, Field(ge=64, le=1 << 20)] = 8192  # over it: 414
+    max_header_bytes: Annotated[StrictInt, Field(ge=256, le=1 << 20)] = 61440  # over it: 431
+    max_headers: Annotated[StrictInt, Field(ge=1, le=10000)] = 100  # more fields: 431
+
+
 class Listener(_Model):
     name: Name
     address: ListenAddress
@@ -439,6 +447,7 @@ class Listener(_Model):
     max_connections: PositiveInt | None = None
     idle_timeout: Duration = 3600.0
     splice: StrictBool = True  # tcp only: False copies with recv/send instead of splice(2)
+    limits: HttpLimits | None = None  # http only; None means the defaults
 
     @model_validator(mode="after")
     def _protocol_shape(self) -> Listener:
@@ -448,6 +457,8 @@ class Listener(_Model):
                 problems.append((("cluster",), "required for tcp listeners"))
             if self.routes:
                 problems.append((("routes",), "not allowed on tcp listeners (they use cluster)"))
+            if self.limits is not None:
+                problems.append((("limits",), "only for http listeners"))
         else:
             if self.cluster is not None:
                 problems.append((("cluster",), "not allowed on http listeners (set it on a route)"))

@@ -48,7 +48,7 @@ from .._core.splice import (
     RelayEngine,
     SplicePump,
 )
-from ..config import Listener
+from ..config import HttpLimits, Listener
 from ..errors import UpstreamConnectError
 from ..net.tcp_proxy import relay_until_done
 from ..route import RouteTable
@@ -151,8 +151,10 @@ class Http1Proxy:
         self.routes = RouteTable.compile(listener.routes)
         self.clusters = clusters
         self.engine = engine
-        self.limits = Limits()
-        self.max_head = 8192 + 61440 + 1024
+        limits = listener.limits or HttpLimits()
+        self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
+        # Room for a whole head at its limits; the parser refuses more first.
+        self.max_head = limits.max_request_line + limits.max_header_bytes + 1024
         self.idle_timeout = listener.idle_timeout
         self.stats = HttpListenerStats()
 

@@ -25,15 +25,30 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+# Hostname endpoints: answers are kept this long, then looked up again, so an
+# endpoint whose address changes is followed without a restart.
+DNS_TTL = 30.0
+_resolved: dict[tuple[str, int], tuple[str, float]] = {}
+
+
 async def resolve(address: Address) -> str:
-    """An IP literal for `address.host` (hostnames are resolved on every call)."""
+    """An IP literal for `address.host`; hostnames are cached for DNS_TTL seconds."""
     if is_ip_literal(address.host):
         return address.host
+    key = (address.host, address.port)
+    cached = _resolved.get(key)
+    now = trio.current_time()
+    if cached is not None and cached[1] > now:
+        return cached[0]
     try:
         infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
+        if cached is not None:
+            return cached[0]  # keep the last good answer while the resolver fails
         raise UpstreamConnectError(f"cannot resolve {address.host}: {exc}", code="dns_failed") from exc
-    return infos[0][4][0]
+    ip = infos[0][4][0]
+    _resolved[key] = (ip, now + DNS_TTL)
+    return ip
 
 
 async def connect(address: Address, timeout: float) -> int:

@@ -82,7 +82,7 @@ def tcp_config(**overrides: str) -> str:
 def test_public_surface():
     assert set(proxy.config.__all__) == {
         "Address", "Admin", "Cluster", "Config", "ConfigError", "Endpoint", "FieldError", "HashOn",
-        "Listener", "Node", "Route", "RouteMatch", "WeightedCluster",
+        "HttpLimits", "Listener", "Node", "Route", "RouteMatch", "WeightedCluster",
         "config_to_dict", "load_config", "parse_config",
     }
 
@@ -362,3 +362,24 @@ def test_config_does_not_need_the_compiled_core():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert not [m for m in out.stdout.splitlines() if m.startswith("proxy._core")]
+
+
+def test_http_limits_default_and_override():
+    base = "listeners: [{name: w, address: 127.0.0.1:0, protocol: http, routes: [{name: r, match: {prefix: /}, cluster: c}]%s}]\nclusters: [{name: c, endpoints: [127.0.0.1:1]}]\n"
+    assert parse_config(base % "").listeners[0].limits is None
+    limits = parse_config(base % ", limits: {max_request_line: 4096, max_headers: 50}").listeners[0].limits
+    assert (limits.max_request_line, limits.max_header_bytes, limits.max_headers) == (4096, 61440, 50)
+
+
+def test_http_limits_are_checked_with_their_path():
+    text = (
+        "listeners:\n"
+        "  - {name: w, address: 127.0.0.1:0, protocol: http, routes: [{name: r, match: {prefix: /}, cluster: c}],\n"
+        "     limits: {max_headers: 0, max_request_line: big}}\n"
+        "  - {name: t, address: 127.0.0.1:0, protocol: tcp, cluster: c, limits: {}}\n"
+        "clusters: [{name: c, endpoints: [127.0.0.1:1]}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    paths = {e.path for e in info.value.errors}
+    assert {"listeners[0].limits.max_headers", "listeners[0].limits.max_request_line", "listeners[1].limits"} <= paths
