@@ -76,6 +76,7 @@ class ListenerServer:
 
     def stop_accepting(self) -> None:
         self._accepting.cancel()
+        self.proxy.drain()
 
 
 def _share(limit: int | None, workers: int) -> int | None:

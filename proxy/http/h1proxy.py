@@ -157,6 +157,15 @@ class Http1Proxy:
         self.max_head = limits.max_request_line + limits.max_header_bytes + 1024
         self.idle_timeout = listener.idle_timeout
         self.stats = HttpListenerStats()
+        # Draining: finish the request in flight, then close; idle kept-alive
+        # connections (waiting in these scopes) close at once.
+        self.draining = False
+        self._idle_waits: set[trio.CancelScope] = set()
+
+    def drain(self) -> None:
+        self.draining = True
+        for scope in self._idle_waits:
+            scope.cancel()
 
     # -- one client connection -------------------------------------------
     async def serve(self, client_fd: int) -> None:
@@ -208,8 +217,14 @@ class Http1Proxy:
                 # The parser refuses heads over the limits before this size.
                 buf.grow(self.max_head)
                 continue
+            if self.draining and not len(buf):
+                return None
             with trio.move_on_after(self.idle_timeout) as scope:
-                await trio.lowlevel.wait_readable(fd)
+                self._idle_waits.add(scope)
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                finally:
+                    self._idle_waits.discard(scope)
             if scope.cancelled_caught:
                 return None
 
@@ -455,7 +470,7 @@ class Http1Proxy:
         """
         buf = up.buffer
         kind = response.body
-        client_keep = head.keep_alive and kind != BODY_UNTIL_CLOSE
+        client_keep = head.keep_alive and kind != BODY_UNTIL_CLOSE and not self.draining
         if not client_keep:
             extra = b"connection: close\r\n"
         elif head.version == 10:

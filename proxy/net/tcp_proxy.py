@@ -73,6 +73,9 @@ class TcpProxy:
         self.hash_source_ip = hash_on is not None and bool(hash_on.source_ip)
         self.stats = TcpListenerStats()
 
+    def drain(self) -> None:
+        """Nothing to do: open L4 connections run to their end (or the drain deadline)."""
+
     async def serve(self, client_fd: int) -> None:
         """Proxy one accepted connection; always closes `client_fd`.
 
