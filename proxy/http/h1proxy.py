@@ -53,6 +53,7 @@ from ..errors import UpstreamConnectError
 from ..net.tcp_proxy import relay_until_done
 from ..route import RouteTable
 from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
+from .dechunk import ChunkedDecoder
 from .local_reply import CONTINUE, local_reply
 
 log = logging.getLogger("meshproxy.http")
@@ -443,8 +444,13 @@ class Http1Proxy:
             raise _ClientGone(f"request body: {exc}") from exc
         body.complete = True
 
-    async def _stream_chunked(self, src: int, buf: RecvBuffer, dst: int, scanner: ChunkedScanner) -> bool:
-        """Forward a chunked body verbatim, checking its framing; False if src ended early."""
+    async def _stream_chunked(self, src: int, buf: RecvBuffer, dst: int, scanner: ChunkedScanner,
+                              decoder: ChunkedDecoder | None = None) -> bool:
+        """Forward a chunked body, checking its framing; False if src ended early.
+
+        The bytes go verbatim, or through `decoder` (data only) for a client
+        that cannot read chunked framing.
+        """
         while not scanner.done:
             n = buf.recv(src)
             if n == 0:
@@ -453,6 +459,9 @@ class Http1Proxy:
                 await _wait(trio.lowlevel.wait_readable, src, STREAM_IDLE_TIMEOUT)
                 continue
             count = scanner.scan(buf.data, buf.start, buf.end)
+            if decoder is not None:
+                await _send_all(dst, decoder.feed(buf.take(count)))
+                continue
             while count:
                 sent = buf.send_to(dst, count)
                 if sent < 0:
@@ -498,8 +507,17 @@ class Http1Proxy:
                 except ProtocolError as exc:
                     # Nothing went to the client yet: it still gets a reply.
                     raise _UpstreamFailed(502, "upstream_protocol_error") from exc
-                await _send_all(fd, out + buf.take(first))
-                if not await self._stream_chunked(up.fd, buf, fd, scanner):
+                decoder = None
+                if head.version == 10:
+                    # HTTP/1.0 has no chunked framing: send the data alone and
+                    # mark its end by closing the connection.
+                    client_keep = False
+                    decoder = ChunkedDecoder()
+                    out = response.serialize(b"connection: close\r\n", drop=(b"transfer-encoding",))
+                    await _send_all(fd, out + decoder.feed(buf.take(first)))
+                else:
+                    await _send_all(fd, out + buf.take(first))
+                if not await self._stream_chunked(up.fd, buf, fd, scanner, decoder):
                     raise _ClientGone("upstream broke off the response body")
             else:  # until close: the body ends when the upstream closes
                 await _send_all(fd, out + buf.take(len(buf)))
