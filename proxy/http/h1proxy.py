@@ -66,6 +66,10 @@ MAX_CONNECT_ATTEMPTS = 5
 # A body transfer that makes no progress for this long is abandoned (Envoy's
 # stream_idle_timeout default).
 STREAM_IDLE_TIMEOUT = 300.0
+# Lingering close after a final error reply: how long and how much of an
+# unwanted request body is read away so the reply is not lost to an RST.
+LINGER_TIME = 2.0
+LINGER_BYTES = 4 << 20
 # Safe to send twice (RFC 9110 9.2.2): retried once on a fresh connection when
 # a reused one turns out dead before any response byte.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -188,7 +192,7 @@ class Http1Proxy:
             try:
                 head = await self._read_request_head(fd, buf, first)
             except ProtocolError as exc:
-                await self._reply(fd, local_reply(exc.status, exc.code, str(exc), close=True))
+                await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
                 return
             if head is None:
                 return
@@ -236,6 +240,33 @@ class Http1Proxy:
         except OSError as exc:
             raise _ClientGone(str(exc)) from exc
 
+    async def _reply_and_close(self, fd: int, data: bytes) -> bool:
+        """Send a final reply, then close gracefully; returns False (the connection is done).
+
+        The client may still be sending (a body nobody will read). Closing a
+        socket with unread bytes sends an RST, which can destroy the reply
+        before the client reads it; so send FIN first and read the rest away
+        for a bounded time, as nginx's lingering close does.
+        """
+        await self._reply(fd, data)
+        sockops.shutdown_write(fd)
+        drain = RecvBuffer(65536)
+        left = LINGER_BYTES
+        with trio.move_on_after(LINGER_TIME):
+            while left > 0:
+                try:
+                    n = drain.recv(fd)
+                except OSError:
+                    break
+                if n == 0:
+                    break
+                if n > 0:
+                    left -= n
+                    drain.clear()
+                else:
+                    await trio.lowlevel.wait_readable(fd)
+        return False
+
     # -- one request -------------------------------------------------------
     async def _exchange(self, fd: int, buf: RecvBuffer, head: RequestHead, peer: bytes) -> bool:
         """Proxy one request; True when the client connection stays open."""
@@ -243,9 +274,11 @@ class Http1Proxy:
         route = self.routes.match(head.method, head.host, head.path or b"/", head.get)
         request_id = head.get(b"x-request-id")
         if route is None:
-            close = head.chunked or head.content_length > 0 or not head.keep_alive
-            await self._reply(fd, local_reply(404, "no_route", close=close, request_id=request_id))
-            return not close
+            if head.chunked or head.content_length > 0 or not head.keep_alive:
+                return await self._reply_and_close(fd, local_reply(404, "no_route", close=True,
+                                                                   request_id=request_id))
+            await self._reply(fd, local_reply(404, "no_route", request_id=request_id))
+            return True
         cluster = self.clusters[self.routes.pick_cluster(route, random.random())]
 
         forwarded_for = head.get(b"x-forwarded-for")
@@ -271,39 +304,56 @@ class Http1Proxy:
             try:
                 request += body.take_buffered(buf)
             except ProtocolError as exc:
-                await self._reply(fd, local_reply(exc.status, exc.code, str(exc), close=True))
-                return False
+                return await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
         else:
             body = _NO_BODY
 
-        deadline = trio.current_time() + (route.timeout or DEFAULT_ROUTE_TIMEOUT)
+        ex = _Exchange(head, cluster, request, body, tunnel,
+                       deadline=trio.current_time() + (route.timeout or DEFAULT_ROUTE_TIMEOUT),
+                       key=cluster.hash_key(head.get, peer) if cluster.hash_on is not None else None)
         try:
             if body.complete:
                 # The common case needs no second task and no cancel scope:
                 # timeouts apply where the driver actually waits.
-                return await self._proxy(fd, buf, head, cluster, request, body, deadline, tunnel, None)
+                return await self._proxy(fd, buf, ex, None)
+            # The body streams in a second task while this one awaits the
+            # response. Failures are caught inside the nursery, so they arrive
+            # here as themselves rather than wrapped in an exception group.
+            keep = False
+            failure: _UpstreamFailed | None = None
             async with trio.open_nursery() as nursery:
-                keep = await self._proxy(fd, buf, head, cluster, request, body, deadline, tunnel, nursery)
+                try:
+                    keep = await self._proxy(fd, buf, ex, nursery)
+                except _UpstreamFailed as exc:
+                    failure = exc
                 if not body.complete:
-                    # The upstream answered before reading the whole body:
-                    # neither connection has a known message boundary now.
+                    # The upstream answered (or failed) before the whole body
+                    # went up: neither connection has a known boundary now.
                     nursery.cancel_scope.cancel()
-                    return False
-                return keep
+                    keep = False
+            if failure is not None:
+                raise failure
+            if body.failure is not None and not ex.responded:
+                # The client's body broke its framing before any response.
+                error = body.failure
+                return await self._reply_and_close(fd, local_reply(error.status, error.code, str(error),
+                                                                   close=True))
+            return keep
         except _UpstreamFailed as exc:
+            # Raised only before any response byte went to the client, so it
+            # still gets a reply (then the connection closes: whatever of the
+            # request body is still coming has nowhere to go).
             log.info("%s: %s %s -> %d %s", self.listener.name, head.method.decode("latin-1"),
                      head.path[:200].decode("latin-1"), exc.status, exc.code)
-            if not body.started:
-                await self._reply(fd, local_reply(exc.status, exc.code, close=True, request_id=request_id))
-            return False
+            return await self._reply_and_close(
+                fd, local_reply(exc.status, exc.code, close=True, request_id=request_id))
 
-    async def _proxy(self, fd: int, buf: RecvBuffer, head: RequestHead, cluster: UpstreamCluster,
-                     request: bytes, body: _RequestBody | _NoBody, deadline: float, tunnel: bool,
-                     nursery: trio.Nursery | None) -> bool:
-        up, pool, response = await self._send_and_await_head(cluster, request, head, fd, buf, body,
-                                                             deadline, nursery)
+    async def _proxy(self, fd: int, buf: RecvBuffer, ex: _Exchange, nursery: trio.Nursery | None) -> bool:
+        head = ex.head
+        up, pool, response = await self._send_and_await_head(fd, buf, ex, nursery)
         try:
-            if tunnel and _switches_protocol(head, response):
+            ex.responded = True
+            if ex.tunnel and _switches_protocol(head, response):
                 await self._tunnel(fd, buf, up, response)
                 return False
             client_keep = await self._forward_response(fd, head, response, up)
@@ -312,14 +362,13 @@ class Http1Proxy:
             raise
         # Only now, with the response fully written to the client, may the
         # upstream connection serve another request.
-        if response.keep_alive and body.complete:
+        if response.keep_alive and ex.body.complete:
             pool.give_back(up)
         else:
             pool.discard(up)
         return client_keep
 
-    async def _send_and_await_head(self, cluster: UpstreamCluster, request: bytes, head: RequestHead,
-                                   fd: int, buf: RecvBuffer, body: _RequestBody | _NoBody, deadline: float,
+    async def _send_and_await_head(self, fd: int, buf: RecvBuffer, ex: _Exchange,
                                    nursery: trio.Nursery | None
                                    ) -> tuple[UpstreamConn, EndpointPool, ResponseHead]:
         """Connect (or reuse), send the request, return the response head.
@@ -327,12 +376,14 @@ class Http1Proxy:
         A reused connection that turns out dead before any response byte is
         retried once on a fresh connection when the request is safe to replay.
         """
+        head, cluster, request, body, deadline = ex.head, ex.cluster, ex.request, ex.body, ex.deadline
         tried: list[int] = []
         fresh_only = False
         replayable = body.complete and head.method in IDEMPOTENT
+        balancer = cluster.balancer
         while True:
-            pool = cluster.pick(tried)
-            up = None if fresh_only else pool.take_idle(check=not replayable)
+            pool = cluster.pick(tried, ex.key)
+            up = None if fresh_only else pool.take_idle()
             reused = up is not None
             if up is None:
                 try:
@@ -354,13 +405,18 @@ class Http1Proxy:
                     raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
                 if not body.complete:
                     assert nursery is not None
-                    body.started = True
-                    nursery.start_soon(self._stream_request_body, fd, buf, up.fd, body)
+                    nursery.start_soon(self._stream_request_body, fd, buf, up.fd, body, nursery.cancel_scope)
                 # The reply cannot be here yet: yield once, then try, then wait.
-                await trio.lowlevel.checkpoint()
-                response = self._parsed_response(up, head)
-                if response is None:
-                    response = await self._read_response_head(fd, up, head, reused, deadline)
+                balancer.on_request_start(pool.index)
+                sent_at = trio.current_time()
+                try:
+                    await trio.lowlevel.checkpoint()
+                    response = self._parsed_response(up, head)
+                    if response is None:
+                        response = await self._read_response_head(fd, up, head, reused, deadline)
+                finally:
+                    # Time to the response head: what peak_ewma steers by.
+                    balancer.on_request_end(pool.index, trio.current_time() - sent_at)
             except _UpstreamFailed as exc:
                 pool.discard(up)
                 if exc.retriable and replayable and not fresh_only:
@@ -426,8 +482,23 @@ class Http1Proxy:
                 continue
             raise _UpstreamFailed(504, "upstream_timeout")
 
-    async def _stream_request_body(self, fd: int, buf: RecvBuffer, up_fd: int, body: _RequestBody) -> None:
-        """Forward the rest of a request body that was not buffered with the head."""
+    async def _stream_request_body(self, fd: int, buf: RecvBuffer, up_fd: int, body: _RequestBody,
+                                   exchange: trio.CancelScope) -> None:
+        """Forward the rest of a request body that was not buffered with the head.
+
+        If the client breaks off, or the upstream stops taking the body, the
+        whole exchange ends (`exchange` is cancelled) and both connections close.
+        """
+        try:
+            await self._forward_request_body(fd, buf, up_fd, body)
+        except ProtocolError as exc:
+            body.failure = exc
+            exchange.cancel()
+        except (_ClientGone, OSError) as exc:
+            log.debug("%s: request body: %s", self.listener.name, exc)
+            exchange.cancel()
+
+    async def _forward_request_body(self, fd: int, buf: RecvBuffer, up_fd: int, body: _RequestBody) -> None:
         try:
             if body.scanner is None:
                 pump = SplicePump(fd, up_fd)
@@ -550,13 +621,13 @@ class Http1Proxy:
 class _RequestBody:
     """Where a request body stands: buffered with the head, or still streaming."""
 
-    __slots__ = ("scanner", "remaining", "complete", "started")
+    __slots__ = ("scanner", "remaining", "complete", "failure")
 
     def __init__(self, head: RequestHead, limits: Limits) -> None:
         self.scanner = ChunkedScanner(limits) if head.chunked else None
         self.remaining = max(head.content_length, 0)  # length-delimited bytes still to come
         self.complete = self.scanner is None and self.remaining == 0
-        self.started = False  # some of it went upstream: no local reply can follow
+        self.failure: ProtocolError | None = None  # bad chunked framing found while streaming
 
     def take_buffered(self, buf: RecvBuffer) -> bytes:
         """The part of the body already in `buf` (consumed from it)."""
@@ -572,12 +643,29 @@ class _RequestBody:
         return data
 
 
+class _Exchange:
+    """One request on its way upstream: what `_proxy` needs to carry it through."""
+
+    __slots__ = ("head", "cluster", "request", "body", "tunnel", "deadline", "key", "responded")
+
+    def __init__(self, head: RequestHead, cluster: UpstreamCluster, request: bytes,
+                 body: _RequestBody | _NoBody, tunnel: bool, *, deadline: float, key: bytes | None) -> None:
+        self.head = head
+        self.cluster = cluster
+        self.request = request  # the upstream head, and the body bytes that came with it
+        self.body = body
+        self.tunnel = tunnel
+        self.deadline = deadline  # until the response head arrives (the route timeout)
+        self.key = key  # what a hashing balancer hashes, if the cluster hashes
+        self.responded = False  # response bytes went to the client: no local reply now
+
+
 class _NoBody:
     """The body of a request without one: complete from the start, never streamed."""
 
     __slots__ = ()
     complete = True
-    started = False
+    failure = None
 
 
 _NO_BODY = _NoBody()

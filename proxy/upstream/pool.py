@@ -11,7 +11,7 @@ bounded in number and age.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from .._core import sockops
 from .._core.iobuf import RecvBuffer, peer_closed
@@ -25,7 +25,6 @@ from ..net.connect import connect
 MAX_IDLE_PER_ENDPOINT = 128
 IDLE_TIMEOUT = 50.0
 RESPONSE_BUFFER = 65536
-FRESH_IDLE = 1.0
 
 
 class UpstreamConn:
@@ -56,20 +55,18 @@ class EndpointPool:
         self.reused = 0
         self.active = 0  # connections handed out and not yet returned or closed
 
-    def take_idle(self, check: bool = True) -> UpstreamConn | None:
-        """The most recently used idle connection that is still open.
+    def take_idle(self) -> UpstreamConn | None:
+        """The most recently used idle connection that is still clean and open.
 
-        With `check` false, a connection idle for less than FRESH_IDLE is
-        taken without the peek syscall: upstreams close idle connections
-        after seconds, and a request that finds one closed anyway is retried
-        (the caller passes `check=False` only for requests it may replay).
+        Every candidate is peeked at (one syscall): the upstream may have
+        closed it, or sent bytes nobody asked for, which must never be read as
+        the answer to the next request.
         """
         idle = self._idle
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            quiet = now - conn.idle_since
-            if quiet > IDLE_TIMEOUT or ((check or quiet > FRESH_IDLE) and peer_closed(conn.fd)):
+            if now - conn.idle_since > IDLE_TIMEOUT or peer_closed(conn.fd):
                 conn.close()
                 continue
             self.reused += 1
@@ -124,13 +121,25 @@ class UpstreamCluster:
         self.config = cluster
         self.name = cluster.name
         self.balancer = balancer or make_balancer(cluster)
+        self.hash_on = cluster.hash_on
         self.pools = [
             EndpointPool(endpoint.address, i, cluster.connect_timeout)
             for i, endpoint in enumerate(cluster.endpoints)
         ]
 
-    def pick(self, exclude: Collection[int] = ()) -> EndpointPool:
-        return self.pools[self.balancer.pick(exclude)]
+    def pick(self, exclude: Collection[int] = (), key: bytes | None = None) -> EndpointPool:
+        return self.pools[self.balancer.pick(exclude, key)]
+
+    def hash_key(self, header: Callable[[bytes], bytes | None], peer: bytes) -> bytes | None:
+        """What a hashing balancer hashes for this request (None: pick at random)."""
+        hash_on = self.hash_on
+        if hash_on is None:
+            return None
+        if hash_on.header is not None:
+            return header(hash_on.header.encode())
+        if hash_on.cookie is not None:
+            return _cookie(header(b"cookie"), hash_on.cookie.encode())
+        return peer
 
     def close_expired(self) -> None:
         for pool in self.pools:
@@ -139,3 +148,14 @@ class UpstreamCluster:
     def close(self) -> None:
         for pool in self.pools:
             pool.close()
+
+
+def _cookie(header: bytes | None, name: bytes) -> bytes | None:
+    """The value of cookie `name` in a Cookie header ("a=1; b=2")."""
+    if not header:
+        return None
+    for pair in header.split(b";"):
+        key, sep, value = pair.strip().partition(b"=")
+        if sep and key == name:
+            return value
+    return None
