@@ -47,6 +47,7 @@ from .._core.splice import (
     Relay,
     RelayEngine,
     SplicePump,
+    monotonic,
 )
 from ..config import HttpLimits, Listener
 from ..errors import UpstreamConnectError
@@ -380,7 +381,6 @@ class Http1Proxy:
         tried: list[int] = []
         fresh_only = False
         replayable = body.complete and head.method in IDEMPOTENT
-        balancer = cluster.balancer
         while True:
             pool = cluster.pick(tried, ex.key)
             up = None if fresh_only else pool.take_idle()
@@ -406,17 +406,14 @@ class Http1Proxy:
                 if not body.complete:
                     assert nursery is not None
                     nursery.start_soon(self._stream_request_body, fd, buf, up.fd, body, nursery.cancel_scope)
-                # The reply cannot be here yet: yield once, then try, then wait.
-                balancer.on_request_start(pool.index)
-                sent_at = trio.current_time()
-                try:
+                if cluster.load_aware:
+                    response = await self._await_head_counted(fd, up, head, reused, deadline, cluster, pool)
+                else:
+                    # The reply cannot be here yet: yield once, then try, then wait.
                     await trio.lowlevel.checkpoint()
                     response = self._parsed_response(up, head)
                     if response is None:
                         response = await self._read_response_head(fd, up, head, reused, deadline)
-                finally:
-                    # Time to the response head: what peak_ewma steers by.
-                    balancer.on_request_end(pool.index, trio.current_time() - sent_at)
             except _UpstreamFailed as exc:
                 pool.discard(up)
                 if exc.retriable and replayable and not fresh_only:
@@ -428,6 +425,23 @@ class Http1Proxy:
                 pool.discard(up)
                 raise
             return up, pool, response
+
+    async def _await_head_counted(self, fd: int, up: UpstreamConn, head: RequestHead, reused: bool,
+                                  deadline: float, cluster: UpstreamCluster, pool: EndpointPool
+                                  ) -> ResponseHead:
+        """The response head, with the request counted in flight and timed for the balancer."""
+        balancer = cluster.balancer
+        balancer.on_request_start(pool.index)
+        sent_at = monotonic()
+        try:
+            await trio.lowlevel.checkpoint()
+            response = self._parsed_response(up, head)
+            if response is None:
+                response = await self._read_response_head(fd, up, head, reused, deadline)
+        finally:
+            # Time to the response head: what peak_ewma steers by.
+            balancer.on_request_end(pool.index, monotonic() - sent_at)
+        return response
 
     def _parsed_response(self, up: UpstreamConn, head: RequestHead) -> ResponseHead | None:
         """The final response head if one recv brings it whole, else None (no state changed).

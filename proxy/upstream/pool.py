@@ -122,6 +122,8 @@ class UpstreamCluster:
         self.name = cluster.name
         self.balancer = balancer or make_balancer(cluster)
         self.hash_on = cluster.hash_on
+        # Balancers that steer by requests in flight or latency need to be told.
+        self.load_aware = cluster.lb in ("least_request", "peak_ewma")
         self.pools = [
             EndpointPool(endpoint.address, i, cluster.connect_timeout)
             for i, endpoint in enumerate(cluster.endpoints)
