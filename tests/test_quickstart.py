@@ -31,18 +31,21 @@ def test_quickstart_serves_through_its_listener_and_stops(tmp_path):
     )
     try:
         deadline = time.monotonic() + 20
-        body = b""
-        while time.monotonic() < deadline:
+        while True:  # the sidecar is ready and the demo upstream answers through it
             try:
-                status, body = _get("http://127.0.0.1:8080/hello")
-                if status == 200:
+                if _get("http://127.0.0.1:15000/ready")[0] == 200:
+                    status, body = _get("http://127.0.0.1:8080/hello")
                     break
             except OSError:
-                time.sleep(0.2)
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "quickstart.log").read_text()
+            time.sleep(0.2)
         assert body.startswith(b"hello from quickstart-upstream: GET /hello"), (
             (tmp_path / "quickstart.log").read_text()
         )
-        assert _get("http://127.0.0.1:15000/ready") == (200, b"ready\n")
+        # The same upstream through the L4 listener.
+        status, body = _get("http://127.0.0.1:8081/tcp")
+        assert body.startswith(b"hello from quickstart-upstream: GET /tcp")
         # Ctrl-C in a terminal: SIGINT to the whole process group.
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=20) == 0

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -383,3 +384,11 @@ def test_http_limits_are_checked_with_their_path():
         parse_config(text)
     paths = {e.path for e in info.value.errors}
     assert {"listeners[0].limits.max_headers", "listeners[0].limits.max_request_line", "listeners[1].limits"} <= paths
+
+
+def test_every_yaml_example_in_the_readme_is_valid():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    assert blocks
+    for block in blocks:
+        parse_config(block, source="README.md")
