@@ -165,10 +165,10 @@ def test_quickstart():
     assert config.node.id == "quickstart"
     assert config.admin.address == Address("127.0.0.1", 15000)
     assert config.worker_count == 1
-    (listener,) = config.listeners
-    assert (listener.name, str(listener.address), listener.protocol, listener.cluster) == (
-        "web-in", "127.0.0.1:8080", "tcp", "demo",
-    )
+    http, tcp = config.listeners
+    assert (http.name, str(http.address), http.protocol) == ("web-in", "127.0.0.1:8080", "http")
+    assert [route.cluster for route in http.routes] == ["demo", "demo"]
+    assert (tcp.name, str(tcp.address), tcp.protocol, tcp.cluster) == ("tcp-in", "127.0.0.1:8081", "tcp", "demo")
     assert config.cluster("demo").endpoints == (Endpoint(address=Address("127.0.0.1", 9001)),)
 
 
