@@ -88,6 +88,22 @@ class HttpListenerStats:
     upstream_retries: int = 0
 
 
+class _RequestIds:
+    """Request ids unique across processes and restarts: a random 64-bit
+    prefix per process and a counter (cheaper than a UUID per request)."""
+
+    def __init__(self) -> None:
+        self._prefix = b"%016x" % random.getrandbits(64)
+        self._count = 0
+
+    def next(self) -> bytes:
+        self._count += 1
+        return b"%s-%08x" % (self._prefix, self._count)
+
+
+_request_ids = _RequestIds()
+
+
 class _ClientGone(Exception):
     """The client closed or reset its connection: stop without a reply."""
 
@@ -289,7 +305,7 @@ class Http1Proxy:
         extra = [b"x-forwarded-for: ", forwarded_for or peer,
                  b"\r\nx-forwarded-proto: http\r\n"]
         if request_id is None:
-            request_id = b"%032x" % random.getrandbits(128)
+            request_id = _request_ids.next()
             extra += [b"x-request-id: ", request_id, b"\r\n"]
         tunnel = head.upgrade is not None or head.method == b"CONNECT"
         request = head.serialize(b"".join(extra), tunnel, REPLACED_HEADERS)
@@ -310,7 +326,7 @@ class Http1Proxy:
             body = _NO_BODY
 
         ex = _Exchange(head, cluster, request, body, tunnel,
-                       deadline=trio.current_time() + (route.timeout or DEFAULT_ROUTE_TIMEOUT),
+                       timeout=route.timeout or DEFAULT_ROUTE_TIMEOUT,
                        key=cluster.hash_key(head.get, peer) if cluster.hash_on is not None else None)
         try:
             if body.complete:
@@ -377,7 +393,7 @@ class Http1Proxy:
         A reused connection that turns out dead before any response byte is
         retried once on a fresh connection when the request is safe to replay.
         """
-        head, cluster, request, body, deadline = ex.head, ex.cluster, ex.request, ex.body, ex.deadline
+        head, cluster, request, body = ex.head, ex.cluster, ex.request, ex.body
         tried: list[int] = []
         fresh_only = False
         replayable = body.complete and head.method in IDEMPOTENT
@@ -387,7 +403,7 @@ class Http1Proxy:
             reused = up is not None
             if up is None:
                 try:
-                    with trio.move_on_at(deadline):
+                    with trio.move_on_at(ex.deadline()):
                         up = await pool.open()
                 except UpstreamConnectError as exc:
                     tried.append(pool.index)
@@ -407,13 +423,13 @@ class Http1Proxy:
                     assert nursery is not None
                     nursery.start_soon(self._stream_request_body, fd, buf, up.fd, body, nursery.cancel_scope)
                 if cluster.load_aware:
-                    response = await self._await_head_counted(fd, up, head, reused, deadline, cluster, pool)
+                    response = await self._await_head_counted(fd, up, head, reused, ex, pool)
                 else:
                     # The reply cannot be here yet: yield once, then try, then wait.
                     await trio.lowlevel.checkpoint()
                     response = self._parsed_response(up, head)
                     if response is None:
-                        response = await self._read_response_head(fd, up, head, reused, deadline)
+                        response = await self._read_response_head(fd, up, head, reused, ex)
             except _UpstreamFailed as exc:
                 pool.discard(up)
                 if exc.retriable and replayable and not fresh_only:
@@ -427,17 +443,17 @@ class Http1Proxy:
             return up, pool, response
 
     async def _await_head_counted(self, fd: int, up: UpstreamConn, head: RequestHead, reused: bool,
-                                  deadline: float, cluster: UpstreamCluster, pool: EndpointPool
+                                  ex: _Exchange, pool: EndpointPool
                                   ) -> ResponseHead:
         """The response head, with the request counted in flight and timed for the balancer."""
-        balancer = cluster.balancer
+        balancer = ex.cluster.balancer
         balancer.on_request_start(pool.index)
         sent_at = monotonic()
         try:
             await trio.lowlevel.checkpoint()
             response = self._parsed_response(up, head)
             if response is None:
-                response = await self._read_response_head(fd, up, head, reused, deadline)
+                response = await self._read_response_head(fd, up, head, reused, ex)
         finally:
             # Time to the response head: what peak_ewma steers by.
             balancer.on_request_end(pool.index, monotonic() - sent_at)
@@ -462,7 +478,7 @@ class Http1Proxy:
         return response
 
     async def _read_response_head(self, fd: int, up: UpstreamConn, head: RequestHead,
-                                  reused: bool, deadline: float) -> ResponseHead:
+                                  reused: bool, ex: _Exchange) -> ResponseHead:
         buf = up.buffer
         limits = self.limits
         got_any = False
@@ -491,7 +507,7 @@ class Http1Proxy:
                 raise _UpstreamFailed(502, "upstream_reset", retriable=reused and not got_any)
             if n == -2:
                 raise _UpstreamFailed(502, "upstream_protocol_error")
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(ex.deadline()):
                 await trio.lowlevel.wait_readable(up.fd)
                 continue
             raise _UpstreamFailed(504, "upstream_timeout")
@@ -660,18 +676,28 @@ class _RequestBody:
 class _Exchange:
     """One request on its way upstream: what `_proxy` needs to carry it through."""
 
-    __slots__ = ("head", "cluster", "request", "body", "tunnel", "deadline", "key", "responded")
+    __slots__ = ("head", "cluster", "request", "body", "tunnel", "timeout", "_deadline", "key", "responded")
 
     def __init__(self, head: RequestHead, cluster: UpstreamCluster, request: bytes,
-                 body: _RequestBody | _NoBody, tunnel: bool, *, deadline: float, key: bytes | None) -> None:
+                 body: _RequestBody | _NoBody, tunnel: bool, *, timeout: float, key: bytes | None) -> None:
         self.head = head
         self.cluster = cluster
         self.request = request  # the upstream head, and the body bytes that came with it
         self.body = body
         self.tunnel = tunnel
-        self.deadline = deadline  # until the response head arrives (the route timeout)
+        self.timeout = timeout  # the route timeout: until the response head arrives
+        self._deadline: float | None = None
         self.key = key  # what a hashing balancer hashes, if the cluster hashes
         self.responded = False  # response bytes went to the client: no local reply now
+
+    def deadline(self) -> float:
+        """The route timeout as a deadline, fixed the first time a wait needs it.
+
+        The fast path never waits, so it never pays for reading the clock.
+        """
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self.timeout
+        return self._deadline
 
 
 class _NoBody:
