@@ -1,0 +1,44 @@
+"""Telemetry: what workers count, how the supervisor sums it, and how it is shown.
+
+Pure: no trio, no sockets. Workers record into `WorkerStats` and answer snapshots; the
+supervisor keeps `Totals` over worker restarts and renders /metrics and /stats/latency.
+"""
+
+from .latency import Histograms, LatencyWindow, hgrm, latency_json, select
+from .process import ProcessUsage, read_process_usage
+from .prometheus import CONTENT_TYPE, SupervisorStats, render_metrics
+from .snapshot import Snapshot, Totals, merge
+from .stats import (
+    UNROUTED,
+    ClusterStats,
+    EndpointStats,
+    ListenerStats,
+    RouteStats,
+    WorkerStats,
+    record_connect_failure,
+    record_request,
+)
+
+__all__ = [
+    "CONTENT_TYPE",
+    "UNROUTED",
+    "ClusterStats",
+    "EndpointStats",
+    "Histograms",
+    "LatencyWindow",
+    "ListenerStats",
+    "ProcessUsage",
+    "RouteStats",
+    "Snapshot",
+    "SupervisorStats",
+    "Totals",
+    "WorkerStats",
+    "hgrm",
+    "latency_json",
+    "merge",
+    "read_process_usage",
+    "record_connect_failure",
+    "record_request",
+    "render_metrics",
+    "select",
+]
