@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from .config import Config
+from .telemetry import Snapshot
 
 MAX_FRAME = 64 * 1024 * 1024
 _HEADER = struct.Struct("!I")
@@ -35,6 +36,21 @@ class Ready:
     """Worker -> supervisor: every listener is accepting."""
 
     worker: int
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """Supervisor -> worker: send your telemetry snapshot (for a scrape)."""
+
+    request: int
+
+
+@dataclass(frozen=True)
+class SnapshotReply:
+    """Worker -> supervisor: the answer to a `SnapshotRequest`."""
+
+    request: int
+    snapshot: Snapshot
 
 
 @dataclass(frozen=True)

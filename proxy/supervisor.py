@@ -9,18 +9,35 @@ turns 503, workers stop accepting and finish open connections up to
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import trio
 
 from . import __version__, control
 from .admin import AdminApp, AdminRequest, AdminResponse, bind_listening_socket, serve_admin
-from .config import Config
+from .config import Config, config_to_dict
 from .net.listen import bind_listener, bound_address
+from .telemetry import (
+    CONTENT_TYPE as METRICS_CONTENT_TYPE,
+    LatencyWindow,
+    Snapshot,
+    SupervisorStats,
+    Totals,
+    hgrm,
+    latency_json,
+    read_process_usage,
+    render_metrics,
+    select,
+)
 
 log = logging.getLogger("meshproxy.supervisor")
 
@@ -32,15 +49,28 @@ BACKOFF_MAX = 10.0
 READY_TIMEOUT = 30.0
 # Extra grace after drain_timeout before stragglers are killed.
 DRAIN_GRACE = 5.0
+# How long a scrape waits for workers' snapshots (a stuck worker is left out).
+SCRAPE_TIMEOUT = 2.0
 
 
 @dataclass
 class WorkerSlot:
     index: int
     process: trio.Process | None = None
-    channel: control.ControlChannel | None = None
+    channel: control.ControlChannel | None = None  # set while the worker process is up
+    serving: bool = False  # it reported Ready (and so answers snapshot requests)
     starts: int = 0
     ready: trio.Event = field(default_factory=trio.Event)
+    # Snapshot requests in flight: request id -> where the reply goes.
+    pending: dict[int, _Reply] = field(default_factory=dict)
+
+
+class _Reply:
+    """One awaited answer from a worker."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: Snapshot | None = None
 
 
 class Supervisor:
@@ -55,9 +85,18 @@ class Supervisor:
         self.draining = False
         self.ready = False
         self.restarts = 0
+        self.totals = Totals()
+        self.latency = LatencyWindow()
+        self._scrape_lock = trio.Lock()
+        self._request_ids = 0
+        self.config_version = 1
+        self.config_applied = time.time()
         self.admin_app = AdminApp()
         self.admin_app.route("GET", "/ready", self._get_ready)
         self.admin_app.route("GET", "/live", self._get_live)
+        self.admin_app.route("GET", "/config", self._get_config)
+        self.admin_app.route("GET", "/metrics", self._get_metrics)
+        self.admin_app.route("GET", "/stats/latency", self._get_latency)
 
     # -- admin handlers -------------------------------------------------
     async def _get_ready(self, request: AdminRequest) -> AdminResponse:
@@ -69,6 +108,80 @@ class Supervisor:
 
     async def _get_live(self, request: AdminRequest) -> AdminResponse:
         return AdminResponse.text(200, "live\n")
+
+    async def _get_config(self, request: AdminRequest) -> AdminResponse:
+        body = config_to_dict(self.config)
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        applied = datetime.fromtimestamp(self.config_applied, timezone.utc).isoformat()
+        return AdminResponse.json(200, {"version": self.config_version, "sha256": digest,
+                                        "applied_at": applied, "config": body})
+
+    async def _get_metrics(self, request: AdminRequest) -> AdminResponse:
+        snapshot = await self._collect()
+        processes = [read_process_usage("supervisor", os.getpid())]
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                processes.append(read_process_usage(f"worker-{slot.index}", slot.process.pid))
+        supervisor = SupervisorStats(
+            node=self.config.node.id, config_version=self.config_version, reloads_ok=0,
+            reloads_failed=0, worker_restarts=self.restarts,
+            processes=[usage for usage in processes if usage is not None],
+        )
+        return AdminResponse(200, render_metrics(snapshot, supervisor), METRICS_CONTENT_TYPE)
+
+    async def _get_latency(self, request: AdminRequest) -> AdminResponse:
+        query = {name: values[-1] for name, values in request.query.items()}
+        fmt = query.get("format", "json")
+        if fmt not in ("json", "hgrm"):
+            return AdminResponse.text(400, "format must be json or hgrm\n")
+        hists = self.latency.interval(await self._collect(), reset=query.get("reset") in ("1", "true"))
+        if fmt == "json":
+            return AdminResponse.json(200, latency_json(hists))
+        selectors = [kind for kind in ("route", "cluster", "listener") if kind in query]
+        if len(selectors) != 1:
+            return AdminResponse.text(400, "format=hgrm needs one of route=, cluster= or listener=\n")
+        kind = selectors[0]
+        try:
+            counts = select(hists, kind, query[kind])
+        except LookupError as exc:
+            return AdminResponse.text(404, f"{exc}\n")
+        return AdminResponse.text(200, hgrm(counts))
+
+    async def _collect(self) -> Snapshot:
+        """Every live worker's telemetry, merged with what finished workers counted."""
+        async with self._scrape_lock:
+            self._request_ids += 1
+            request = self._request_ids
+            asked: list[tuple[WorkerSlot, _Reply]] = []
+            for slot in self.slots:
+                if slot.channel is None or not slot.serving:
+                    continue
+                reply = slot.pending[request] = _Reply()
+                try:
+                    await slot.channel.send(control.SnapshotRequest(request))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    slot.pending.pop(request, None)
+                    continue
+                asked.append((slot, reply))
+            with trio.move_on_after(SCRAPE_TIMEOUT):
+                for _, reply in asked:
+                    await reply.done.wait()
+            for slot, reply in asked:
+                slot.pending.pop(request, None)
+                if reply.value is not None:
+                    self.totals.update(slot.index, reply.value)
+            return self.totals.total()
+
+    async def _read_worker_messages(self, slot: WorkerSlot, channel: control.ControlChannel) -> None:
+        while True:
+            message = await channel.receive()
+            if message is None:
+                return
+            if isinstance(message, control.SnapshotReply):
+                reply = slot.pending.get(message.request)
+                if reply is not None:
+                    reply.value = message.snapshot
+                    reply.done.set()
 
     # -- lifecycle --------------------------------------------------------
     def bind(self) -> None:
@@ -192,6 +305,7 @@ class Supervisor:
                 message = await channel.receive()
             if isinstance(message, control.Ready):
                 slot.ready.set()
+                slot.serving = True
             elif scope.cancelled_caught:
                 log.error("worker %d not ready after %gs: killing it", slot.index, READY_TIMEOUT)
                 process.kill()
@@ -199,9 +313,16 @@ class Supervisor:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         try:
-            return await process.wait()
+            async with trio.open_nursery() as nursery:
+                if slot.serving:
+                    nursery.start_soon(self._read_worker_messages, slot, channel)
+                code = await process.wait()
+                nursery.cancel_scope.cancel()
+            return code
         finally:
             slot.channel = None
+            slot.serving = False
+            self.totals.exited(slot.index)
             await channel.aclose()
             if process.returncode is None:
                 process.kill()

@@ -25,6 +25,7 @@ from .net.accept import accept_loop
 from ._core.splice import RelayEngine
 from .http.h1proxy import Http1Proxy
 from .net.tcp_proxy import TcpProxy, run_engine
+from .telemetry import WorkerStats
 from .upstream import UpstreamCluster
 
 log = logging.getLogger("meshproxy.worker")
@@ -87,15 +88,16 @@ def _share(limit: int | None, workers: int) -> int | None:
 
 
 def build_servers(config: Config, listener_fds: dict[str, int], engine: RelayEngine,
-                  clusters: dict[str, UpstreamCluster]) -> list[ListenerServer]:
+                  clusters: dict[str, UpstreamCluster], stats: WorkerStats) -> list[ListenerServer]:
     """The assembly point: each listener's handler over the shared clusters."""
     servers = []
     for listener in config.listeners:
         handler: TcpProxy | Http1Proxy
+        listener_stats = stats.listeners[listener.name]
         if listener.protocol == "tcp":
-            handler = TcpProxy(listener, clusters[listener.cluster], engine)
+            handler = TcpProxy(listener, clusters[listener.cluster], engine, listener_stats)
         else:
-            handler = Http1Proxy(listener, clusters, engine)
+            handler = Http1Proxy(listener, clusters, engine, listener_stats)
         cap = _share(listener.max_connections, config.worker_count)
         servers.append(ListenerServer(listener, listener_fds[listener.name], handler, cap))
     return servers
@@ -109,41 +111,45 @@ async def _sweep_idle_upstreams(clusters: dict[str, UpstreamCluster]) -> None:
             cluster.close_expired()
 
 
-async def _wait_for_drain(channel: control.ControlChannel, signals: trio.abc.ReceiveChannel) -> float | None:
-    """Return the drain timeout asked for, or None when orphaned or signalled."""
-    async with trio.open_nursery() as nursery:
-        result: list[float | None] = []
+class _Control:
+    """The worker's side of the control channel, for its whole life: answers snapshot
+    requests, and reports the first reason to drain (a Drain message, SIGTERM, or the
+    supervisor gone) through `drain_requested`."""
 
-        async def on_signal() -> None:
-            await signals.__anext__()
-            log.info("SIGTERM: draining")
-            result.append(None)
-            nursery.cancel_scope.cancel()
+    def __init__(self, channel: control.ControlChannel, stats: WorkerStats) -> None:
+        self.channel = channel
+        self.stats = stats
+        self.drain_requested = trio.Event()
+        self.drain_timeout: float | None = None  # None: the config's drain_timeout
 
-        async def on_message() -> None:
-            while True:
-                message = await channel.receive()
-                if message is None:
-                    log.warning("supervisor is gone: draining")
-                    result.append(None)
-                elif isinstance(message, control.Drain):
-                    result.append(message.timeout)
-                else:
-                    log.warning("unexpected control message %r", type(message).__name__)
-                    continue
-                nursery.cancel_scope.cancel()
+    def _drain(self, timeout: float | None) -> None:
+        if not self.drain_requested.is_set():
+            self.drain_timeout = timeout
+            self.drain_requested.set()
+
+    async def read_messages(self) -> None:
+        while True:
+            message = await self.channel.receive()
+            if message is None:
+                log.warning("supervisor is gone: draining")
+                self._drain(None)
                 return
+            if isinstance(message, control.SnapshotRequest):
+                await self.channel.send(control.SnapshotReply(message.request, self.stats.snapshot()))
+            elif isinstance(message, control.Drain):
+                self._drain(message.timeout)
+            else:
+                log.warning("unexpected control message %r", type(message).__name__)
 
-        nursery.start_soon(on_signal)
-        nursery.start_soon(on_message)
-    return result[0] if result else None
-
-
-async def _ignore_further_signals(signals: trio.abc.ReceiveChannel) -> None:
-    # Draining already: a second SIGTERM must not cut open connections (the
-    # supervisor kills workers itself when it is told to stop at once).
-    async for _ in signals:
-        log.info("SIGTERM while draining: already draining")
+    async def watch_signals(self, signals: trio.abc.ReceiveChannel) -> None:
+        # After the first SIGTERM, more must not cut open connections (the supervisor kills
+        # workers itself when it is told to stop at once).
+        async for _ in signals:
+            if self.drain_requested.is_set():
+                log.info("SIGTERM while draining: already draining")
+            else:
+                log.info("SIGTERM: draining")
+                self._drain(None)
 
 
 async def run_worker(control_fd: int) -> None:
@@ -153,22 +159,25 @@ async def run_worker(control_fd: int) -> None:
         raise SystemExit("worker: expected a Setup message from the supervisor")
     config = setup.config
     engine = RelayEngine()
-    clusters = {cluster.name: UpstreamCluster(cluster) for cluster in config.clusters}
-    servers = build_servers(config, setup.listener_fds, engine, clusters)
+    stats = WorkerStats(config)
+    clusters = {cluster.name: UpstreamCluster(cluster, stats.clusters[cluster.name])
+                for cluster in config.clusters}
+    servers = build_servers(config, setup.listener_fds, engine, clusters, stats)
+    ctl = _Control(channel, stats)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async with trio.open_nursery() as engine_nursery:
-            engine_nursery.start_soon(run_engine, engine)
-            engine_nursery.start_soon(_sweep_idle_upstreams, clusters)
+        async with trio.open_nursery() as background:
+            background.start_soon(run_engine, engine)
+            background.start_soon(_sweep_idle_upstreams, clusters)
+            background.start_soon(ctl.watch_signals, signals)
+            background.start_soon(ctl.read_messages)
             with trio.CancelScope() as serving:
                 async with trio.open_nursery() as nursery:
                     for server in servers:
                         await nursery.start(server.serve)
                     await channel.send(control.Ready(setup.worker))
                     log.info("worker %d serving %d listener(s)", setup.worker, len(servers))
-                    timeout = await _wait_for_drain(channel, signals)
-                    if timeout is None:
-                        timeout = config.drain_timeout
-                    engine_nursery.start_soon(_ignore_further_signals, signals)
+                    await ctl.drain_requested.wait()
+                    timeout = ctl.drain_timeout if ctl.drain_timeout is not None else config.drain_timeout
                     for server in servers:
                         server.stop_accepting()
                     open_connections = sum(s.proxy.stats.active for s in servers)
@@ -177,7 +186,7 @@ async def run_worker(control_fd: int) -> None:
                     serving.deadline = trio.current_time() + timeout
             if serving.cancelled_caught:
                 log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
-            engine_nursery.cancel_scope.cancel()
+            background.cancel_scope.cancel()
     for cluster in clusters.values():
         cluster.close()
 

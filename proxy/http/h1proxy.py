@@ -19,7 +19,6 @@ import errno
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import trio
 
@@ -53,6 +52,7 @@ from ..config import HttpLimits, Listener
 from ..errors import UpstreamConnectError
 from ..net.tcp_proxy import relay_until_done
 from ..route import RouteTable
+from ..telemetry import UNROUTED, EndpointStats, ListenerStats, record_request
 from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
 from .dechunk import ChunkedDecoder
 from .local_reply import CONTINUE, local_reply
@@ -76,16 +76,6 @@ LINGER_BYTES = 4 << 20
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 # Request headers the proxy sets itself (hop-by-hop ones go in serialize()).
 REPLACED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"expect")
-
-
-@dataclass(slots=True)
-class HttpListenerStats:
-    accepted: int = 0
-    active: int = 0
-    rejected: int = 0
-    requests: int = 0
-    local_replies: int = 0
-    upstream_retries: int = 0
 
 
 class _RequestIds:
@@ -168,7 +158,8 @@ class _PumpError(OSError):
 class Http1Proxy:
     """Serves the connections of one http listener in one worker."""
 
-    def __init__(self, listener: Listener, clusters: dict[str, UpstreamCluster], engine: RelayEngine) -> None:
+    def __init__(self, listener: Listener, clusters: dict[str, UpstreamCluster], engine: RelayEngine,
+                 stats: ListenerStats) -> None:
         self.listener = listener
         self.routes = RouteTable.compile(listener.routes)
         self.clusters = clusters
@@ -178,7 +169,8 @@ class Http1Proxy:
         # Room for a whole head at its limits; the parser refuses more first.
         self.max_head = limits.max_request_line + limits.max_header_bytes + 1024
         self.idle_timeout = listener.idle_timeout
-        self.stats = HttpListenerStats()
+        self.stats = stats
+        self.route_stats = stats.routes  # route name -> RouteStats (UNROUTED: answered before routing)
         # Draining: finish the request in flight, then close; idle kept-alive
         # connections (waiting in these scopes) close at once.
         self.draining = False
@@ -209,12 +201,12 @@ class Http1Proxy:
             try:
                 head = await self._read_request_head(fd, buf, first)
             except ProtocolError as exc:
+                record_request(self.route_stats[UNROUTED], None, None, exc.status, exc.code, 0.0, None)
                 await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
                 return
             if head is None:
                 return
             first = False
-            self.stats.requests += 1
             if not await self._exchange(fd, buf, head, peer):
                 return
 
@@ -251,7 +243,6 @@ class Http1Proxy:
                 return None
 
     async def _reply(self, fd: int, data: bytes) -> None:
-        self.stats.local_replies += 1
         try:
             await _send_all(fd, data)
         except OSError as exc:
@@ -288,9 +279,11 @@ class Http1Proxy:
     async def _exchange(self, fd: int, buf: RecvBuffer, head: RequestHead, peer: bytes) -> bool:
         """Proxy one request; True when the client connection stays open."""
         # A CONNECT target has no path; it matches routes as "/" would.
+        started = monotonic()
         route = self.routes.match(head.method, head.host, head.path or b"/", head.get)
         request_id = head.get(b"x-request-id")
         if route is None:
+            record_request(self.route_stats[UNROUTED], None, None, 404, "no_route", monotonic() - started, None)
             if head.chunked or head.content_length > 0 or not head.keep_alive:
                 return await self._reply_and_close(fd, local_reply(404, "no_route", close=True,
                                                                    request_id=request_id))
@@ -321,13 +314,27 @@ class Http1Proxy:
             try:
                 request += body.take_buffered(buf)
             except ProtocolError as exc:
+                record_request(self.route_stats[route.name], cluster.stats, None, exc.status, exc.code,
+                               monotonic() - started, None)
                 return await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
         else:
             body = _NO_BODY
 
         ex = _Exchange(head, cluster, request, body, tunnel,
                        timeout=route.timeout or DEFAULT_ROUTE_TIMEOUT,
-                       key=cluster.hash_key(head.get, peer) if cluster.hash_on is not None else None)
+                       key=cluster.hash_key(head.get, peer) if cluster.hash_on is not None else None,
+                       request_id=request_id)
+        try:
+            return await self._run_exchange(fd, buf, ex)
+        finally:
+            endpoint = ex.endpoint
+            if endpoint is not None:
+                endpoint.active -= 1
+            record_request(self.route_stats[route.name], cluster.stats, endpoint, ex.status, ex.error,
+                           monotonic() - started, ex.upstream_time)
+
+    async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange) -> bool:
+        head, body = ex.head, ex.body
         try:
             if body.complete:
                 # The common case needs no second task and no cancel scope:
@@ -353,6 +360,7 @@ class Http1Proxy:
             if body.failure is not None and not ex.responded:
                 # The client's body broke its framing before any response.
                 error = body.failure
+                ex.status, ex.error = error.status, error.code
                 return await self._reply_and_close(fd, local_reply(error.status, error.code, str(error),
                                                                    close=True))
             return keep
@@ -362,14 +370,16 @@ class Http1Proxy:
             # request body is still coming has nowhere to go).
             log.info("%s: %s %s -> %d %s", self.listener.name, head.method.decode("latin-1"),
                      head.path[:200].decode("latin-1"), exc.status, exc.code)
+            ex.status, ex.error = exc.status, exc.code
             return await self._reply_and_close(
-                fd, local_reply(exc.status, exc.code, close=True, request_id=request_id))
+                fd, local_reply(exc.status, exc.code, close=True, request_id=ex.request_id))
 
     async def _proxy(self, fd: int, buf: RecvBuffer, ex: _Exchange, nursery: trio.Nursery | None) -> bool:
         head = ex.head
         up, pool, response = await self._send_and_await_head(fd, buf, ex, nursery)
         try:
             ex.responded = True
+            ex.status = response.status
             if ex.tunnel and _switches_protocol(head, response):
                 await self._tunnel(fd, buf, up, response)
                 return False
@@ -419,6 +429,12 @@ class Http1Proxy:
                         await _send_all(up.fd, request, offset=max(sent, 0))
                 except OSError as exc:
                     raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
+                sent_at = monotonic()
+                if ex.endpoint is not pool.stats:  # first send, or a retry elsewhere
+                    if ex.endpoint is not None:
+                        ex.endpoint.active -= 1
+                    ex.endpoint = pool.stats
+                    pool.stats.active += 1
                 if not body.complete:
                     assert nursery is not None
                     nursery.start_soon(self._stream_request_body, fd, buf, up.fd, body, nursery.cancel_scope)
@@ -430,10 +446,11 @@ class Http1Proxy:
                     response = self._parsed_response(up, head)
                     if response is None:
                         response = await self._read_response_head(fd, up, head, reused, ex)
+                ex.upstream_time = monotonic() - sent_at
             except _UpstreamFailed as exc:
                 pool.discard(up)
                 if exc.retriable and replayable and not fresh_only:
-                    self.stats.upstream_retries += 1
+                    cluster.stats.retries += 1
                     fresh_only = True
                     continue
                 raise
@@ -676,10 +693,12 @@ class _RequestBody:
 class _Exchange:
     """One request on its way upstream: what `_proxy` needs to carry it through."""
 
-    __slots__ = ("head", "cluster", "request", "body", "tunnel", "timeout", "_deadline", "key", "responded")
+    __slots__ = ("head", "cluster", "request", "body", "tunnel", "timeout", "_deadline", "key", "responded",
+                 "request_id", "status", "error", "endpoint", "upstream_time")
 
     def __init__(self, head: RequestHead, cluster: UpstreamCluster, request: bytes,
-                 body: _RequestBody | _NoBody, tunnel: bool, *, timeout: float, key: bytes | None) -> None:
+                 body: _RequestBody | _NoBody, tunnel: bool, *, timeout: float, key: bytes | None,
+                 request_id: bytes) -> None:
         self.head = head
         self.cluster = cluster
         self.request = request  # the upstream head, and the body bytes that came with it
@@ -689,6 +708,12 @@ class _Exchange:
         self._deadline: float | None = None
         self.key = key  # what a hashing balancer hashes, if the cluster hashes
         self.responded = False  # response bytes went to the client: no local reply now
+        self.request_id = request_id
+        # What the request counts as when it ends (telemetry):
+        self.status = 0  # the status the client got (0: none)
+        self.error: str | None = None  # x-meshproxy-error code of a local reply
+        self.endpoint: EndpointStats | None = None  # where it was sent
+        self.upstream_time: float | None = None  # seconds from sending to the response head
 
     def deadline(self) -> float:
         """The route timeout as a deadline, fixed the first time a wait needs it.

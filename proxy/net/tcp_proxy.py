@@ -11,7 +11,6 @@ reset to the other; `idle_timeout` with no bytes either way closes both.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -20,6 +19,7 @@ from .._core import sockops
 from .._core.splice import Relay, RelayEngine, monotonic
 from ..config import Listener
 from ..errors import UpstreamConnectError
+from ..telemetry import ListenerStats
 from .connect import connect
 
 if TYPE_CHECKING:
@@ -29,18 +29,6 @@ log = logging.getLogger("meshproxy.tcp")
 
 # Endpoints tried for one client before giving up (each only once).
 MAX_CONNECT_ATTEMPTS = 5
-
-
-@dataclass(slots=True)
-class TcpListenerStats:
-    accepted: int = 0
-    active: int = 0
-    rejected: int = 0  # over max_connections
-    connect_failures: int = 0
-    bytes_from_clients: int = 0
-    bytes_to_clients: int = 0
-    resets: int = 0
-    idle_timeouts: int = 0
 
 
 async def run_engine(engine: RelayEngine) -> None:
@@ -63,7 +51,8 @@ async def run_engine(engine: RelayEngine) -> None:
 class TcpProxy:
     """Serves the connections of one tcp listener in one worker."""
 
-    def __init__(self, listener: Listener, cluster: UpstreamCluster, engine: RelayEngine):
+    def __init__(self, listener: Listener, cluster: UpstreamCluster, engine: RelayEngine,
+                 stats: ListenerStats) -> None:
         self.listener = listener
         self.cluster = cluster.config
         self.balancer = cluster.balancer
@@ -71,7 +60,7 @@ class TcpProxy:
         hash_on = cluster.config.hash_on
         # Only the source address exists at L4; header/cookie keys fall back to random.
         self.hash_source_ip = hash_on is not None and bool(hash_on.source_ip)
-        self.stats = TcpListenerStats()
+        self.stats = stats
 
     def drain(self) -> None:
         """Nothing to do: open L4 connections run to their end (or the drain deadline)."""

@@ -15,9 +15,11 @@ from collections.abc import Callable, Collection
 
 from .._core import sockops
 from .._core.iobuf import RecvBuffer, peer_closed
-from ..cluster import Balancer, make_balancer
+from ..cluster import make_balancer
 from ..config import Address, Cluster
+from ..errors import UpstreamConnectError
 from ..net.connect import connect
+from ..telemetry import ClusterStats, record_connect_failure
 
 # Idle connections kept per endpoint, and how long one may sit idle. Upstream
 # servers commonly close idle keep-alive connections after 60-75 s; closing
@@ -46,13 +48,14 @@ class UpstreamConn:
 
 
 class EndpointPool:
-    def __init__(self, address: Address, index: int, connect_timeout: float) -> None:
+    def __init__(self, address: Address, index: int, connect_timeout: float,
+                 cluster_stats: ClusterStats) -> None:
         self.address = address
         self.index = index
         self.connect_timeout = connect_timeout
+        self.cluster_stats = cluster_stats
+        self.stats = cluster_stats.endpoints[str(address)]
         self._idle: list[UpstreamConn] = []
-        self.opened = 0
-        self.reused = 0
         self.active = 0  # connections handed out and not yet returned or closed
 
     def take_idle(self) -> UpstreamConn | None:
@@ -69,14 +72,19 @@ class EndpointPool:
             if now - conn.idle_since > IDLE_TIMEOUT or peer_closed(conn.fd):
                 conn.close()
                 continue
-            self.reused += 1
+            self.cluster_stats.pool_hits += 1
             self.active += 1
             return conn
+        self.cluster_stats.pool_misses += 1
         return None
 
     async def open(self) -> UpstreamConn:
-        fd = await connect(self.address, self.connect_timeout)
-        self.opened += 1
+        try:
+            fd = await connect(self.address, self.connect_timeout)
+        except UpstreamConnectError:
+            record_connect_failure(self.cluster_stats, self.stats)
+            raise
+        self.cluster_stats.connections += 1
         self.active += 1
         return UpstreamConn(fd, self.index)
 
@@ -117,15 +125,16 @@ class EndpointPool:
 class UpstreamCluster:
     """A cluster's balancer and one pool per endpoint."""
 
-    def __init__(self, cluster: Cluster, balancer: Balancer | None = None) -> None:
+    def __init__(self, cluster: Cluster, stats: ClusterStats) -> None:
         self.config = cluster
         self.name = cluster.name
-        self.balancer = balancer or make_balancer(cluster)
+        self.stats = stats
+        self.balancer = make_balancer(cluster)
         self.hash_on = cluster.hash_on
         # Balancers that steer by requests in flight or latency need to be told.
         self.load_aware = cluster.lb in ("least_request", "peak_ewma")
         self.pools = [
-            EndpointPool(endpoint.address, i, cluster.connect_timeout)
+            EndpointPool(endpoint.address, i, cluster.connect_timeout, stats)
             for i, endpoint in enumerate(cluster.endpoints)
         ]
 

@@ -42,7 +42,7 @@ class SlowOrigin:
                         return
                     data += chunk
                 head, _, data = data.partition(b"\r\n\r\n")
-                if b" /slow " in head.split(b"\r\n", 1)[0]:
+                if b" /slow" in head.split(b"\r\n", 1)[0]:
                     time.sleep(self.delay)
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
 
