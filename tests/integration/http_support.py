@@ -323,9 +323,11 @@ def connect_echo(status: int = 200) -> Behaviour:
     """Answer a CONNECT with `status`; on 2xx, echo raw bytes until EOF."""
 
     def behave(r: Responder) -> None:
-        r.head(status)
         if 200 <= status < 300:
+            r.head(status)
             r.tunnel_echo()
+        else:
+            r.head(status, [("Content-Length", "0")])
 
     return behave
 
@@ -756,7 +758,8 @@ class RawClient:
         return Response(status=int(code), reason=reason.decode("latin-1"), version=version.decode(),
                         headers=headers, head=head)
 
-    def _take(self, n: int) -> tuple[bytes, bool]:
+    def take(self, n: int) -> tuple[bytes, bool]:
+        """The next `n` bytes, and whether all of them came (False: the connection ended)."""
         while len(self.buffer) < n:
             if not self._fill():
                 data = bytes(self.buffer)
@@ -791,7 +794,7 @@ class RawClient:
         if te is not None and "chunked" in te.lower():
             self._read_chunked(response)
         elif cl is not None:
-            response.body, response.complete = self._take(int(cl))
+            response.body, response.complete = self.take(int(cl))
         else:
             while self._fill():
                 pass
@@ -811,9 +814,9 @@ class RawClient:
             size = int(line.split(b";", 1)[0], 16)
             if size == 0:
                 break
-            data, ok = self._take(size)
+            data, ok = self.take(size)
             body += data
-            if not ok or self._take(2)[0] != b"\r\n":
+            if not ok or self.take(2)[0] != b"\r\n":
                 response.body, response.complete = bytes(body), False
                 return
         while True:
@@ -971,9 +974,9 @@ def http_config(routes: Sequence[dict[str, Any]], clusters: Sequence[dict[str, A
     }
 
 
-def simple_config(origin: Origin, **listener: Any) -> dict[str, Any]:
+def simple_config(origin: Origin, *, workers: int = 1, **listener: Any) -> dict[str, Any]:
     """Everything to one origin."""
-    return http_config([route("all", "up")], [cluster("up", [origin])], **listener)
+    return http_config([route("all", "up")], [cluster("up", [origin])], workers=workers, **listener)
 
 
 def start_shared_proxy(config: dict[str, Any], directory: Path) -> Any:
