@@ -25,6 +25,7 @@ import trio
 from . import __version__, control
 from .admin import AdminApp, AdminRequest, AdminResponse, bind_listening_socket, serve_admin
 from .config import Config, config_to_dict
+from .errors import UsageError
 from .net.listen import bind_listener, bound_address
 from .telemetry import (
     CONTENT_TYPE as METRICS_CONTENT_TYPE,
@@ -91,12 +92,17 @@ class Supervisor:
         self._request_ids = 0
         self.config_version = 1
         self.config_applied = time.time()
-        self.admin_app = AdminApp()
+        self.admin_app = AdminApp(_read_token(config.admin.token_file))
         self.admin_app.route("GET", "/ready", self._get_ready)
         self.admin_app.route("GET", "/live", self._get_live)
         self.admin_app.route("GET", "/config", self._get_config)
         self.admin_app.route("GET", "/metrics", self._get_metrics)
         self.admin_app.route("GET", "/stats/latency", self._get_latency)
+        self.admin_app.route("POST", "/drain", self._post_drain)
+        self.admin_app.route("POST", "/shutdown", self._post_shutdown)
+        self._nursery: trio.Nursery
+        self._drained: trio.Event | None = None
+        self._exit_after_drain = False
 
     # -- admin handlers -------------------------------------------------
     async def _get_ready(self, request: AdminRequest) -> AdminResponse:
@@ -214,6 +220,7 @@ class Supervisor:
         exit_code = 0
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(serve_admin, self.admin_app, [self.admin_socket])
                 for slot in self.slots:
                     nursery.start_soon(self._keep_running, slot)
@@ -227,10 +234,31 @@ class Supervisor:
                         break
                     log.info("%s: draining (up to %gs)", signal.Signals(signum).name,
                              self.config.drain_timeout)
-                    nursery.start_soon(self._drain, nursery.cancel_scope)
+                    self._start_drain(exit_after=True)
         self.close_listeners()
         log.info("meshproxy stopped")
         return exit_code
+
+    def _start_drain(self, *, exit_after: bool) -> None:
+        """Drain once; a later request to exit (shutdown after drain) is remembered."""
+        self._exit_after_drain = self._exit_after_drain or exit_after
+        if self._drained is not None and self._drained.is_set() and exit_after:
+            self._nursery.start_soon(self._exit_soon)
+        if not self.draining:
+            self._drained = trio.Event()
+            self._nursery.start_soon(self._drain)
+
+    # -- admin: drain and shutdown ------------------------------------------
+    async def _post_drain(self, request: AdminRequest) -> AdminResponse:
+        """Stop accepting and let open work finish; answers once it has (or the drain timeout)."""
+        self._start_drain(exit_after=False)
+        await self._drained.wait()
+        return AdminResponse.json(200, {"drained": True})
+
+    async def _post_shutdown(self, request: AdminRequest) -> AdminResponse:
+        """Drain, then exit 0. Answers at once; the process exits when the drain is done."""
+        self._start_drain(exit_after=True)
+        return AdminResponse.json(202, {"shutting_down": True})
 
     async def _report_ready(self) -> None:
         for slot in self.slots:
@@ -238,7 +266,7 @@ class Supervisor:
         self.ready = True
         log.info("ready: %d worker(s) serving", self.worker_count)
 
-    async def _drain(self, scope: trio.CancelScope) -> None:
+    async def _drain(self) -> None:
         self.draining = True
         timeout = self.config.drain_timeout
         for slot in self.slots:
@@ -255,7 +283,15 @@ class Supervisor:
                 if slot.process is not None:
                     await slot.process.wait()
         self._kill_workers()
-        scope.cancel()
+        log.info("drained")
+        self._drained.set()
+        if self._exit_after_drain:
+            await self._exit_soon()
+
+    async def _exit_soon(self) -> None:
+        # Give the admin plane a moment to answer the request that asked for this.
+        await trio.sleep(0.05)
+        self._nursery.cancel_scope.cancel()
 
     def _kill_workers(self) -> None:
         for slot in self.slots:
@@ -328,6 +364,19 @@ class Supervisor:
                 process.kill()
             with trio.CancelScope(shield=True):
                 await process.wait()
+
+
+def _read_token(path: str | None) -> bytes | None:
+    """The admin bearer token from `admin.token_file` (surrounding whitespace ignored)."""
+    if path is None:
+        return None
+    try:
+        token = open(path, "rb").read().strip()
+    except OSError as exc:
+        raise UsageError(f"admin.token_file: cannot read {path}: {exc.strerror}") from exc
+    if not token:
+        raise UsageError(f"admin.token_file: {path} is empty")
+    return token
 
 
 def _describe_exit(code: int | None) -> str:

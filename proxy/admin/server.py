@@ -8,6 +8,7 @@ request so a stuck client cannot hold the admin plane.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
@@ -62,15 +63,26 @@ class HttpApp(Protocol):
 
 
 class AdminApp:
-    """The route table of the admin plane."""
+    """The route table of the admin plane, behind an optional bearer token."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: bytes | None = None) -> None:
         self._routes: dict[str, dict[str, Handler]] = {}
+        self._token = token
 
     def route(self, method: str, path: str, handler: Handler) -> None:
         self._routes.setdefault(path, {})[method] = handler
 
+    def _authorized(self, request: AdminRequest) -> bool:
+        if self._token is None:
+            return True
+        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+        # Compare in constant time: the answer must not leak how much of a guess was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), self._token)
+
     async def dispatch(self, request: AdminRequest) -> AdminResponse:
+        if not self._authorized(request):
+            return AdminResponse(401, b"a valid bearer token is required\n",
+                                 headers=(("www-authenticate", 'Bearer realm="meshproxy-admin"'),))
         methods = self._routes.get(request.path)
         if methods is None:
             return AdminResponse.text(404, f"no admin endpoint {request.path}\n")
@@ -103,7 +115,7 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> Admi
                 method=head.method.decode("ascii"),
                 path=target.path,
                 query=parse_qs(target.query),
-                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers},
+                headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers},
                 body=bytes(body),
             )
         elif isinstance(event, h11.ConnectionClosed):
