@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             from . import supervisor
 
             config = _load(args.config)
-            raise SystemExit(supervisor.run(config, args.log_level))
+            raise SystemExit(supervisor.run(config, args.log_level, args.config))
         if args.command == "demo-upstream":
             import trio
 

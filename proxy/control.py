@@ -7,6 +7,7 @@ size is bounded anyway so a bug cannot make a peer allocate without limit.
 
 from __future__ import annotations
 
+import array
 import pickle
 import socket
 import struct
@@ -19,6 +20,7 @@ from .config import Config
 from .telemetry import Snapshot
 
 MAX_FRAME = 64 * 1024 * 1024
+MAX_FDS = 256  # descriptors one message may carry
 _HEADER = struct.Struct("!I")
 
 
@@ -51,6 +53,23 @@ class SnapshotReply:
 
     request: int
     snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Supervisor -> worker: switch to `config`. The message carries one new listening
+    socket per name in `new_listeners`, in that order (listeners added or moved)."""
+
+    version: int
+    config: Config
+    new_listeners: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Worker -> supervisor: `version` is in effect for new connections and requests."""
+
+    version: int
 
 
 @dataclass(frozen=True)
@@ -89,26 +108,52 @@ class FrameDecoder:
 
 
 class ControlChannel:
-    """One end of the control socketpair, as a Trio stream of messages."""
+    """One end of the control socketpair, as a Trio stream of messages.
+
+    A message may carry file descriptors (new listening sockets on a reload): they
+    travel as SCM_RIGHTS with the message's bytes and are queued on arrival, in order,
+    for `take_fds`.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
-        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._socket = trio.socket.from_stdlib_socket(sock)
         self._decoder = FrameDecoder()
         self._pending: list[Any] = []
+        self._fds: list[int] = []
         self._send_lock = trio.Lock()
 
-    async def send(self, message: Any) -> None:
+    async def send(self, message: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
+        data = memoryview(encode(message))
         async with self._send_lock:
-            await self._stream.send_all(encode(message))
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            while data:
+                sent = await self._socket.sendmsg([data], ancillary)
+                data = data[sent:]
+                ancillary = []  # the fds went with the first bytes
 
     async def receive(self) -> Any | None:
         """The next message, or None once the peer has closed its end."""
         while not self._pending:
-            data = await self._stream.receive_some(65536)
+            try:
+                data, ancillary, _, _ = await self._socket.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+            except (ConnectionResetError, BrokenPipeError):
+                return None
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    self._fds.extend(fds)
             if not data:
                 return None
             self._pending.extend(self._decoder.feed(data))
         return self._pending.pop(0)
 
+    def take_fds(self, count: int) -> list[int]:
+        """The next `count` descriptors received (the caller owns them)."""
+        if count > len(self._fds):
+            raise ValueError(f"expected {count} descriptors, have {len(self._fds)}")
+        taken, self._fds = self._fds[:count], self._fds[count:]
+        return taken
+
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        self._socket.close()

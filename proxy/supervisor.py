@@ -18,13 +18,14 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import datetime, timezone
 
 import trio
 
 from . import __version__, control
 from .admin import AdminApp, AdminRequest, AdminResponse, bind_listening_socket, serve_admin
-from .config import Config, config_to_dict
+from .config import Config, ConfigError, FieldError, config_to_dict, load_config, parse_config
 from .errors import UsageError
 from .net.listen import bind_listener, bound_address
 from .telemetry import (
@@ -52,6 +53,8 @@ READY_TIMEOUT = 30.0
 DRAIN_GRACE = 5.0
 # How long a scrape waits for workers' snapshots (a stuck worker is left out).
 SCRAPE_TIMEOUT = 2.0
+# How long a worker has to apply a new config version before it is restarted.
+APPLY_TIMEOUT = 10.0
 
 
 @dataclass
@@ -62,8 +65,11 @@ class WorkerSlot:
     serving: bool = False  # it reported Ready (and so answers snapshot requests)
     starts: int = 0
     ready: trio.Event = field(default_factory=trio.Event)
-    # Snapshot requests in flight: request id -> where the reply goes.
-    pending: dict[int, _Reply] = field(default_factory=dict)
+    # Answers awaited from the worker: ("snapshot", id) or ("applied", version) -> reply.
+    pending: dict[tuple[str, int], _Reply] = field(default_factory=dict)
+    # The listening socket the worker holds per listener name (what a reload must add).
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+    version: int = 0  # the config version the worker serves
 
 
 class _Reply:
@@ -71,12 +77,13 @@ class _Reply:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.value: Snapshot | None = None
+        self.value: Any = None
 
 
 class Supervisor:
-    def __init__(self, config: Config, log_level: str) -> None:
+    def __init__(self, config: Config, log_level: str, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.log_level = log_level
         self.worker_count = config.worker_count
         self.slots = [WorkerSlot(i) for i in range(self.worker_count)]
@@ -92,6 +99,9 @@ class Supervisor:
         self._request_ids = 0
         self.config_version = 1
         self.config_applied = time.time()
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self._apply_lock = trio.Lock()
         self.admin_app = AdminApp(_read_token(config.admin.token_file))
         self.admin_app.route("GET", "/ready", self._get_ready)
         self.admin_app.route("GET", "/live", self._get_live)
@@ -100,6 +110,8 @@ class Supervisor:
         self.admin_app.route("GET", "/stats/latency", self._get_latency)
         self.admin_app.route("POST", "/drain", self._post_drain)
         self.admin_app.route("POST", "/shutdown", self._post_shutdown)
+        self.admin_app.route("PUT", "/config", self._put_config)
+        self.admin_app.route("POST", "/reload", self._post_reload)
         self._nursery: trio.Nursery
         self._drained: trio.Event | None = None
         self._exit_after_drain = False
@@ -129,8 +141,8 @@ class Supervisor:
             if slot.process is not None and slot.process.returncode is None:
                 processes.append(read_process_usage(f"worker-{slot.index}", slot.process.pid))
         supervisor = SupervisorStats(
-            node=self.config.node.id, config_version=self.config_version, reloads_ok=0,
-            reloads_failed=0, worker_restarts=self.restarts,
+            node=self.config.node.id, config_version=self.config_version, reloads_ok=self.reloads_ok,
+            reloads_failed=self.reloads_failed, worker_restarts=self.restarts,
             processes=[usage for usage in processes if usage is not None],
         )
         return AdminResponse(200, render_metrics(snapshot, supervisor), METRICS_CONTENT_TYPE)
@@ -153,6 +165,140 @@ class Supervisor:
             return AdminResponse.text(404, f"{exc}\n")
         return AdminResponse.text(200, hgrm(counts))
 
+    # -- reload -----------------------------------------------------------
+    async def _put_config(self, request: AdminRequest) -> AdminResponse:
+        try:
+            config = parse_config(request.body.decode("utf-8", "replace"), source="PUT /config")
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            return _errors_response(exc)
+        return await self._apply_response(config)
+
+    async def _post_reload(self, request: AdminRequest) -> AdminResponse:
+        if self.config_path is None:
+            return AdminResponse.json(400, {"errors": [{"path": "", "message": "no config file to re-read"}]})
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            return _errors_response(exc)
+        return await self._apply_response(config)
+
+    async def _apply_response(self, config: Config) -> AdminResponse:
+        try:
+            version, changed = await self.apply_config(config)
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            return _errors_response(exc)
+        if changed:
+            self.reloads_ok += 1
+        return AdminResponse.json(200, {"version": version, "changed": changed})
+
+    async def reload_from_file(self) -> None:
+        """SIGHUP: re-read the config file; a bad one is logged and changes nothing."""
+        if self.config_path is None:
+            return
+        try:
+            version, changed = await self.apply_config(load_config(self.config_path))
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            log.error("reload of %s refused:\n%s", self.config_path, exc)
+            return
+        if changed:
+            self.reloads_ok += 1
+        log.info("reload of %s: version %d%s", self.config_path, version, "" if changed else " (unchanged)")
+
+    async def apply_config(self, config: Config) -> tuple[int, bool]:
+        """Make `config` the active one everywhere; returns (version, changed).
+
+        Reloads are serialised. An equal config changes nothing. What cannot change
+        without a restart, or a listen address that cannot be bound, raises ConfigError
+        and leaves everything as it was. Otherwise the supervisor switches first (so a
+        worker started from now on gets the new version), then every worker is told
+        and answers once the version is in effect; the call returns after all have.
+        """
+        async with self._apply_lock:
+            if self.draining:
+                raise ConfigError([FieldError("", "draining: no reloads")])
+            if config_to_dict(config) == config_to_dict(self.config):
+                return self.config_version, False
+            problems = []
+            if config.worker_count != self.config.worker_count:
+                problems.append(FieldError("workers", "changing the number of workers needs a restart"))
+            if config.admin != self.config.admin:
+                problems.append(FieldError("admin", "changing the admin plane needs a restart"))
+            if problems:
+                raise ConfigError(problems)
+            sockets = self._sockets_for(config)
+            retired = [socks for name, socks in self.listen_sockets.items() if sockets.get(name) is not socks]
+            self.config = config
+            self.config_version += 1
+            self.config_applied = time.time()
+            self.listen_sockets = sockets
+            version = self.config_version
+            async with trio.open_nursery() as nursery:
+                for slot in self.slots:
+                    if slot.serving:
+                        nursery.start_soon(self._apply_to_worker, slot)
+            # The workers closed their copies as they stopped accepting on them.
+            for socks in retired:
+                for sock in socks:
+                    sock.close()
+            log.info("config version %d applied to %d worker(s)", version, self.worker_count)
+            return version, True
+
+    def _sockets_for(self, config: Config) -> dict[str, list[socket.socket]]:
+        """Listening sockets for `config`: kept where name and address are unchanged,
+        bound anew for listeners added or moved (ConfigError if that fails)."""
+        current = {listener.name: listener for listener in self.config.listeners}
+        sockets: dict[str, list[socket.socket]] = {}
+        try:
+            for index, listener in enumerate(config.listeners):
+                old = current.get(listener.name)
+                if old is not None and old.address == listener.address and listener.name in self.listen_sockets:
+                    sockets[listener.name] = self.listen_sockets[listener.name]
+                    continue
+                try:
+                    sockets[listener.name] = bind_listener(listener.address, self.worker_count)
+                except UsageError as exc:
+                    raise ConfigError([FieldError(f"listeners[{index}].address", str(exc))]) from exc
+        except BaseException:
+            for name, socks in sockets.items():
+                if self.listen_sockets.get(name) is not socks:
+                    for sock in socks:
+                        sock.close()
+            raise
+        return sockets
+
+    async def _apply_to_worker(self, slot: WorkerSlot) -> None:
+        """Bring one worker to the current version; one that does not answer is restarted."""
+        version = self.config_version
+        channel = slot.channel
+        if channel is None or slot.version == version:
+            return
+        mine = {name: socks[slot.index] for name, socks in self.listen_sockets.items()}
+        new = [name for name, sock in mine.items() if slot.sockets.get(name) is not sock]
+        reply = slot.pending[("applied", version)] = _Reply()
+        try:
+            await channel.send(control.Apply(version, self.config, tuple(new)),
+                               fds=[mine[name].fileno() for name in new])
+            with trio.move_on_after(APPLY_TIMEOUT):
+                await reply.done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            slot.pending.pop(("applied", version), None)
+        if reply.value == version:
+            slot.sockets = mine
+            slot.version = version
+        elif slot.process is not None and slot.process.returncode is None:
+            log.error("worker %d did not apply version %d: restarting it", slot.index, version)
+            slot.process.kill()
+
+    async def _bring_up_to_date(self, slot: WorkerSlot) -> None:
+        async with self._apply_lock:
+            await self._apply_to_worker(slot)
+
     async def _collect(self) -> Snapshot:
         """Every live worker's telemetry, merged with what finished workers counted."""
         async with self._scrape_lock:
@@ -162,18 +308,18 @@ class Supervisor:
             for slot in self.slots:
                 if slot.channel is None or not slot.serving:
                     continue
-                reply = slot.pending[request] = _Reply()
+                reply = slot.pending[("snapshot", request)] = _Reply()
                 try:
                     await slot.channel.send(control.SnapshotRequest(request))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    slot.pending.pop(request, None)
+                    slot.pending.pop(("snapshot", request), None)
                     continue
                 asked.append((slot, reply))
             with trio.move_on_after(SCRAPE_TIMEOUT):
                 for _, reply in asked:
                     await reply.done.wait()
             for slot, reply in asked:
-                slot.pending.pop(request, None)
+                slot.pending.pop(("snapshot", request), None)
                 if reply.value is not None:
                     self.totals.update(slot.index, reply.value)
             return self.totals.total()
@@ -184,10 +330,15 @@ class Supervisor:
             if message is None:
                 return
             if isinstance(message, control.SnapshotReply):
-                reply = slot.pending.get(message.request)
-                if reply is not None:
-                    reply.value = message.snapshot
-                    reply.done.set()
+                key, value = ("snapshot", message.request), message.snapshot
+            elif isinstance(message, control.Applied):
+                key, value = ("applied", message.version), message.version
+            else:
+                continue
+            reply = slot.pending.get(key)
+            if reply is not None:
+                reply.value = value
+                reply.done.set()
 
     # -- lifecycle --------------------------------------------------------
     def bind(self) -> None:
@@ -218,7 +369,7 @@ class Supervisor:
             __version__, self.config.node.id, self.worker_count, listeners, *admin_address,
         )
         exit_code = 0
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(serve_admin, self.admin_app, [self.admin_socket])
@@ -226,6 +377,9 @@ class Supervisor:
                     nursery.start_soon(self._keep_running, slot)
                 nursery.start_soon(self._report_ready)
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        nursery.start_soon(self.reload_from_file)
+                        continue
                     if self.draining:
                         log.warning("%s again: exiting now", signal.Signals(signum).name)
                         self._kill_workers()
@@ -316,7 +470,9 @@ class Supervisor:
 
     async def _run_worker(self, slot: WorkerSlot) -> int | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = {name: socks[slot.index].fileno() for name, socks in self.listen_sockets.items()}
+        slot.sockets = {name: socks[slot.index] for name, socks in self.listen_sockets.items()}
+        fds = {name: sock.fileno() for name, sock in slot.sockets.items()}
+        slot.version = self.config_version
         # -P: never put the working directory on sys.path, so a worker started
         # from a source checkout still imports the installed (compiled) package.
         command = [
@@ -342,6 +498,7 @@ class Supervisor:
             if isinstance(message, control.Ready):
                 slot.ready.set()
                 slot.serving = True
+
             elif scope.cancelled_caught:
                 log.error("worker %d not ready after %gs: killing it", slot.index, READY_TIMEOUT)
                 process.kill()
@@ -352,6 +509,8 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 if slot.serving:
                     nursery.start_soon(self._read_worker_messages, slot, channel)
+                    # A reload may have happened while this worker started.
+                    nursery.start_soon(self._bring_up_to_date, slot)
                 code = await process.wait()
                 nursery.cancel_scope.cancel()
             return code
@@ -364,6 +523,11 @@ class Supervisor:
                 process.kill()
             with trio.CancelScope(shield=True):
                 await process.wait()
+
+
+def _errors_response(exc: ConfigError) -> AdminResponse:
+    errors = [{"path": error.path, "message": error.message} for error in exc.errors]
+    return AdminResponse.json(400, {"errors": errors})
 
 
 def _read_token(path: str | None) -> bytes | None:
@@ -390,8 +554,8 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def run(config: Config, log_level: str) -> int:
-    supervisor = Supervisor(config, log_level)
+def run(config: Config, log_level: str, config_path: str | None = None) -> int:
+    supervisor = Supervisor(config, log_level, config_path)
     supervisor.bind()
     try:
         return trio.run(supervisor.run)

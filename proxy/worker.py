@@ -87,38 +87,106 @@ def _share(limit: int | None, workers: int) -> int | None:
     return max(1, -(-limit // workers))
 
 
-def build_servers(config: Config, listener_fds: dict[str, int], engine: RelayEngine,
-                  clusters: dict[str, UpstreamCluster], stats: WorkerStats) -> list[ListenerServer]:
-    """The assembly point: each listener's handler over the shared clusters."""
-    servers = []
-    for listener in config.listeners:
-        handler: TcpProxy | Http1Proxy
-        listener_stats = stats.listeners[listener.name]
+class DataPlane:
+    """The assembly point: listeners, their handlers and the clusters they share, for
+    the config version in effect. `apply` moves to a new version in place: unchanged
+    clusters keep their pools, unchanged listeners keep their sockets and connections,
+    removed ones drain, new ones start accepting."""
+
+    def __init__(self, config: Config, engine: RelayEngine, stats: WorkerStats) -> None:
+        self.config = config
+        self.engine = engine
+        self.stats = stats
+        self.clusters: dict[str, UpstreamCluster] = {}
+        self.servers: dict[str, ListenerServer] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def _handler(self, listener: Listener) -> TcpProxy | Http1Proxy:
+        stats = self.stats.listeners[listener.name]
         if listener.protocol == "tcp":
-            handler = TcpProxy(listener, clusters[listener.cluster], engine, listener_stats)
-        else:
-            handler = Http1Proxy(listener, clusters, engine, listener_stats)
-        cap = _share(listener.max_connections, config.worker_count)
-        servers.append(ListenerServer(listener, listener_fds[listener.name], handler, cap))
-    return servers
+            return TcpProxy(listener, self.clusters[listener.cluster], self.engine, stats)
+        return Http1Proxy(listener, self.clusters, self.engine, stats)
+
+    def _sync_clusters(self, config: Config) -> None:
+        clusters = {}
+        for cluster in config.clusters:
+            current = self.clusters.get(cluster.name)
+            if current is not None and current.config == cluster:
+                clusters[cluster.name] = current
+            else:
+                clusters[cluster.name] = UpstreamCluster(cluster, self.stats.clusters[cluster.name])
+        for name, current in self.clusters.items():
+            if clusters.get(name) is not current:
+                current.retire()
+        self.clusters = clusters
+
+    async def start(self, nursery: trio.Nursery, listener_fds: dict[str, int]) -> None:
+        self._nursery = nursery
+        self._sync_clusters(self.config)
+        for listener in self.config.listeners:
+            await self._start_server(listener, listener_fds[listener.name])
+
+    async def _start_server(self, listener: Listener, fd: int) -> None:
+        cap = _share(listener.max_connections, self.config.worker_count)
+        server = ListenerServer(listener, fd, self._handler(listener), cap)
+        self.servers[listener.name] = server
+        assert self._nursery is not None
+        await self._nursery.start(server.serve)
+
+    async def apply(self, config: Config, new_fds: dict[str, int]) -> None:
+        self.stats.ensure(config)
+        self._sync_clusters(config)
+        self.config = config
+        wanted = {listener.name: listener for listener in config.listeners}
+        for name, server in list(self.servers.items()):
+            if name not in wanted or name in new_fds:
+                server.stop_accepting()  # removed, or moved to a new socket: drain
+                del self.servers[name]
+        for listener in config.listeners:
+            server = self.servers.get(listener.name)
+            if server is None:
+                await self._start_server(listener, new_fds[listener.name])
+                continue
+            changed_protocol = server.listener.protocol != listener.protocol
+            server.listener = listener
+            server.max_connections = _share(listener.max_connections, config.worker_count)
+            if changed_protocol:
+                # Same socket, new kind of handler; open connections keep the old one.
+                server.proxy = self._handler(listener)
+            elif listener.protocol == "tcp":
+                server.proxy.update(listener, self.clusters[listener.cluster])
+            else:
+                server.proxy.update(listener, self.clusters)
+
+    def stop_accepting(self) -> None:
+        for server in self.servers.values():
+            server.stop_accepting()
+
+    def open_connections(self) -> int:
+        return sum(server.proxy.stats.active for server in self.servers.values())
+
+    def close(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.close()
 
 
-async def _sweep_idle_upstreams(clusters: dict[str, UpstreamCluster]) -> None:
+async def _sweep_idle_upstreams(plane: DataPlane) -> None:
     """Close pooled upstream connections that sat idle too long."""
     while True:
         await trio.sleep(POOL_SWEEP_INTERVAL)
-        for cluster in clusters.values():
+        for cluster in plane.clusters.values():
             cluster.close_expired()
 
 
 class _Control:
     """The worker's side of the control channel, for its whole life: answers snapshot
-    requests, and reports the first reason to drain (a Drain message, SIGTERM, or the
+    requests, applies new config versions, and reports the first reason to drain (a Drain message, SIGTERM, or the
     supervisor gone) through `drain_requested`."""
 
-    def __init__(self, channel: control.ControlChannel, stats: WorkerStats) -> None:
+    def __init__(self, channel: control.ControlChannel, stats: WorkerStats, plane: DataPlane) -> None:
         self.channel = channel
         self.stats = stats
+        self.plane = plane
         self.drain_requested = trio.Event()
         self.drain_timeout: float | None = None  # None: the config's drain_timeout
 
@@ -136,6 +204,16 @@ class _Control:
                 return
             if isinstance(message, control.SnapshotRequest):
                 await self.channel.send(control.SnapshotReply(message.request, self.stats.snapshot()))
+            elif isinstance(message, control.Apply):
+                fds = dict(zip(message.new_listeners, self.channel.take_fds(len(message.new_listeners)),
+                               strict=True))
+                if not self.drain_requested.is_set():
+                    await self.plane.apply(message.config, fds)
+                    log.info("config version %d applied", message.version)
+                else:
+                    for fd in fds.values():
+                        sockops.close_fd(fd)
+                await self.channel.send(control.Applied(message.version))
             elif isinstance(message, control.Drain):
                 self._drain(message.timeout)
             else:
@@ -160,35 +238,29 @@ async def run_worker(control_fd: int) -> None:
     config = setup.config
     engine = RelayEngine()
     stats = WorkerStats(config)
-    clusters = {cluster.name: UpstreamCluster(cluster, stats.clusters[cluster.name])
-                for cluster in config.clusters}
-    servers = build_servers(config, setup.listener_fds, engine, clusters, stats)
-    ctl = _Control(channel, stats)
+    plane = DataPlane(config, engine, stats)
+    ctl = _Control(channel, stats, plane)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as background:
             background.start_soon(run_engine, engine)
-            background.start_soon(_sweep_idle_upstreams, clusters)
+            background.start_soon(_sweep_idle_upstreams, plane)
             background.start_soon(ctl.watch_signals, signals)
-            background.start_soon(ctl.read_messages)
             with trio.CancelScope() as serving:
                 async with trio.open_nursery() as nursery:
-                    for server in servers:
-                        await nursery.start(server.serve)
+                    await plane.start(nursery, setup.listener_fds)
+                    background.start_soon(ctl.read_messages)
                     await channel.send(control.Ready(setup.worker))
-                    log.info("worker %d serving %d listener(s)", setup.worker, len(servers))
+                    log.info("worker %d serving %d listener(s)", setup.worker, len(plane.servers))
                     await ctl.drain_requested.wait()
-                    timeout = ctl.drain_timeout if ctl.drain_timeout is not None else config.drain_timeout
-                    for server in servers:
-                        server.stop_accepting()
-                    open_connections = sum(s.proxy.stats.active for s in servers)
+                    timeout = ctl.drain_timeout if ctl.drain_timeout is not None else plane.config.drain_timeout
+                    plane.stop_accepting()
                     log.info("worker %d draining %d connection(s), up to %gs",
-                             setup.worker, open_connections, timeout)
+                             setup.worker, plane.open_connections(), timeout)
                     serving.deadline = trio.current_time() + timeout
             if serving.cancelled_caught:
                 log.warning("worker %d: drain timeout, closed the remaining connections", setup.worker)
             background.cancel_scope.cancel()
-    for cluster in clusters.values():
-        cluster.close()
+    plane.close()
 
 
 def _raise_fd_limit() -> None:

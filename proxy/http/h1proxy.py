@@ -160,21 +160,29 @@ class Http1Proxy:
 
     def __init__(self, listener: Listener, clusters: dict[str, UpstreamCluster], engine: RelayEngine,
                  stats: ListenerStats) -> None:
+        self.engine = engine
+        self.stats = stats
+        # Draining: finish the request in flight, then close; idle kept-alive
+        # connections (waiting in these scopes) close at once.
+        self.draining = False
+        self._idle_waits: set[trio.CancelScope] = set()
+        self.update(listener, clusters)
+
+    def update(self, listener: Listener, clusters: dict[str, UpstreamCluster]) -> None:
+        """Take a new config version: every request that starts from now on uses it.
+
+        A request reads the route table and the clusters once, when it starts, so
+        one in flight finishes on the version it started with.
+        """
         self.listener = listener
         self.routes = RouteTable.compile(listener.routes)
         self.clusters = clusters
-        self.engine = engine
         limits = listener.limits or HttpLimits()
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         # Room for a whole head at its limits; the parser refuses more first.
         self.max_head = limits.max_request_line + limits.max_header_bytes + 1024
         self.idle_timeout = listener.idle_timeout
-        self.stats = stats
-        self.route_stats = stats.routes  # route name -> RouteStats (UNROUTED: answered before routing)
-        # Draining: finish the request in flight, then close; idle kept-alive
-        # connections (waiting in these scopes) close at once.
-        self.draining = False
-        self._idle_waits: set[trio.CancelScope] = set()
+        self.route_stats = self.stats.routes  # route name -> RouteStats (UNROUTED: answered before routing)
 
     def drain(self) -> None:
         self.draining = True

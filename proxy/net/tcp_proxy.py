@@ -53,14 +53,18 @@ class TcpProxy:
 
     def __init__(self, listener: Listener, cluster: UpstreamCluster, engine: RelayEngine,
                  stats: ListenerStats) -> None:
+        self.engine = engine
+        self.stats = stats
+        self.update(listener, cluster)
+
+    def update(self, listener: Listener, cluster: UpstreamCluster) -> None:
+        """Take a new config version: connections accepted from now on use it."""
         self.listener = listener
         self.cluster = cluster.config
         self.balancer = cluster.balancer
-        self.engine = engine
         hash_on = cluster.config.hash_on
         # Only the source address exists at L4; header/cookie keys fall back to random.
         self.hash_source_ip = hash_on is not None and bool(hash_on.source_ip)
-        self.stats = stats
 
     def drain(self) -> None:
         """Nothing to do: open L4 connections run to their end (or the drain deadline)."""

@@ -57,6 +57,7 @@ class EndpointPool:
         self.stats = cluster_stats.endpoints[str(address)]
         self._idle: list[UpstreamConn] = []
         self.active = 0  # connections handed out and not yet returned or closed
+        self.retired = False  # a reload replaced this endpoint: no more pooling
 
     def take_idle(self) -> UpstreamConn | None:
         """The most recently used idle connection that is still clean and open.
@@ -91,7 +92,7 @@ class EndpointPool:
     def give_back(self, conn: UpstreamConn) -> None:
         """Return a connection whose last response was fully delivered."""
         self.active -= 1
-        if len(self._idle) >= MAX_IDLE_PER_ENDPOINT or len(conn.buffer):
+        if self.retired or len(self._idle) >= MAX_IDLE_PER_ENDPOINT or len(conn.buffer):
             conn.close()  # unsolicited bytes after a response: not reusable
             return
         conn.idle_since = time.monotonic()
@@ -158,6 +159,13 @@ class UpstreamCluster:
 
     def close(self) -> None:
         for pool in self.pools:
+            pool.close()
+
+    def retire(self) -> None:
+        """A reload replaced this cluster: close idle connections now, the rest when
+        their requests end (requests in flight finish on it)."""
+        for pool in self.pools:
+            pool.retired = True
             pool.close()
 
 
