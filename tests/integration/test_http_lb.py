@@ -35,7 +35,6 @@ def origins():
     factory.close()
 
 
-
 def named_origins(origins, *names: str, slow: dict[str, float] | None = None):
     """Origins answering their own name, `slow[name]` seconds late for the slow ones."""
     slow = slow or {}

@@ -299,7 +299,8 @@ def guarded(tmp_path_factory):
 
 @pytest.fixture
 def guard(guarded):
-    """The shared proxy; fails the test during which its worker died."""
+    """The shared proxy; fails the test during which its worker died or it logged a traceback."""
+    log_at = len(guarded.proxy.log())
     yield guarded
     pids = guarded.proxy.worker_pids()
     if pids != guarded.pid:
@@ -307,6 +308,9 @@ def guard(guarded):
         guarded.proxy.wait_ready(workers=1)
         guarded.pid = guarded.proxy.worker_pids()
         pytest.fail(f"the worker died during this test (pids {before}, now {pids})")
+    logged = guarded.proxy.log()[log_at:]
+    if "Traceback" in logged:
+        pytest.fail(f"the proxy logged a traceback during this test:\n{logged[-3000:]}")
 
 
 def _settle(origin: Origin, before: int) -> int:
@@ -397,3 +401,21 @@ def test_chunked_body_ends_at_the_last_chunk(guard):
         assert client.read_response().json()["target"] == "/next"
     assert [r.target for r in origin.requests] == ["/", "/next"]
     assert [r.body for r in origin.requests] == [b"hello", b""]
+
+
+def test_nothing_after_a_connection_close_request_is_served(guard):
+    """A request that says Connection: close is the last one: bytes behind it on the same
+    connection are neither answered nor forwarded."""
+    origin = guard.origin
+    origin.reset()
+    data = (get(b"Connection: close", target=b"/last")
+            + get(target=b"/ignored") + req(b"Content-Length: 5", body=b"hello"))
+    with RawClient(guard.proxy.address(), timeout=5) as client:
+        client.send(data)
+        response = client.read_response()
+        assert response.json()["target"] == "/last" and response.closes
+        assert client.wait_closed(5) in ("eof", "reset")
+        assert b"HTTP/1.1" not in client.buffer  # no second response
+    time.sleep(0.02)
+    assert [r.target for r in origin.requests] == ["/last"]
+    assert b"/ignored" not in b"".join(bytes(c.raw) for c in origin.connections)
