@@ -110,6 +110,7 @@ class Supervisor:
         self.admin_app.route("GET", "/stats/latency", self._get_latency)
         self.admin_app.route("POST", "/drain", self._post_drain)
         self.admin_app.route("POST", "/shutdown", self._post_shutdown)
+        self.admin_app.route("GET", "/clusters", self._get_clusters)
         self.admin_app.route("PUT", "/config", self._put_config)
         self.admin_app.route("POST", "/reload", self._post_reload)
         self._nursery: trio.Nursery
@@ -146,6 +147,35 @@ class Supervisor:
             processes=[usage for usage in processes if usage is not None],
         )
         return AdminResponse(200, render_metrics(snapshot, supervisor), METRICS_CONTENT_TYPE)
+
+    async def _get_clusters(self, request: AdminRequest) -> AdminResponse:
+        """Per cluster and endpoint: balancing, weights, and what the workers counted."""
+        snapshot = await self._collect()
+        clusters = []
+        for cluster in self.config.clusters:
+            stats = snapshot.clusters.get(cluster.name)
+            endpoints = []
+            for endpoint in cluster.endpoints:
+                counted = stats.endpoints.get(str(endpoint.address)) if stats else None
+                endpoints.append({
+                    "address": str(endpoint.address),
+                    "weight": endpoint.weight,
+                    "health": "healthy",  # no health checks or ejection yet: always eligible
+                    "active_requests": counted.active if counted else 0,
+                    "requests": counted.requests if counted else 0,
+                    "errors": counted.errors if counted else 0,
+                })
+            clusters.append({
+                "name": cluster.name,
+                "lb": cluster.lb,
+                "connect_timeout": cluster.connect_timeout,
+                "upstream_connections_opened": stats.connections if stats else 0,
+                "pool_hits": stats.pool_hits if stats else 0,
+                "pool_misses": stats.pool_misses if stats else 0,
+                "connect_failures": stats.connect_failures if stats else 0,
+                "endpoints": endpoints,
+            })
+        return AdminResponse.json(200, {"version": self.config_version, "clusters": clusters})
 
     async def _get_latency(self, request: AdminRequest) -> AdminResponse:
         query = {name: values[-1] for name, values in request.query.items()}

@@ -106,3 +106,16 @@ def test_config_endpoint_shows_the_active_config(meshproxy, origin):
     assert shown["version"] == 1 and len(shown["sha256"]) == 64
     assert shown["config"]["node"] == {"id": "metrics-test"}
     assert [r["name"] for r in shown["config"]["listeners"][0]["routes"]] == ["slow", "fast"]
+
+
+def test_clusters_endpoint_counts_per_endpoint(meshproxy, origin):
+    proxy = meshproxy(config(origin))
+    send(proxy, "/fast/c", 7)
+    status, body = proxy.get("/clusters")
+    assert status == 200
+    (cluster,) = json.loads(body)["clusters"]
+    assert cluster["name"] == "up" and cluster["lb"] == "round_robin"
+    (endpoint,) = cluster["endpoints"]
+    assert endpoint["address"] == f"{origin.address[0]}:{origin.address[1]}"
+    assert (endpoint["requests"], endpoint["errors"], endpoint["active_requests"]) == (7, 0, 0)
+    assert cluster["pool_hits"] + cluster["pool_misses"] == 7
