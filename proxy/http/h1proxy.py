@@ -265,6 +265,11 @@ class Http1Proxy:
         for a bounded time, as nginx's lingering close does.
         """
         await self._reply(fd, data)
+        await self._linger(fd)
+        return False
+
+    async def _linger(self, fd: int) -> None:
+        """Close gracefully a connection whose client may still be sending."""
         sockops.shutdown_write(fd)
         drain = RecvBuffer(65536)
         left = LINGER_BYTES
@@ -281,7 +286,6 @@ class Http1Proxy:
                     drain.clear()
                 else:
                     await trio.lowlevel.wait_readable(fd)
-        return False
 
     # -- one request -------------------------------------------------------
     async def _exchange(self, fd: int, buf: RecvBuffer, head: RequestHead, peer: bytes) -> bool:
@@ -365,6 +369,12 @@ class Http1Proxy:
                     keep = False
             if failure is not None:
                 raise failure
+            if not body.complete and ex.responded:
+                # The response went out while the client was still sending: read
+                # the rest away before closing, or the close would reset the
+                # connection and could destroy the response before it is read.
+                await self._linger(fd)
+                return False
             if body.failure is not None and not ex.responded:
                 # The client's body broke its framing before any response.
                 error = body.failure
@@ -391,7 +401,7 @@ class Http1Proxy:
             if ex.tunnel and _switches_protocol(head, response):
                 await self._tunnel(fd, buf, up, response)
                 return False
-            client_keep = await self._forward_response(fd, head, response, up)
+            client_keep = await self._forward_response(fd, head, response, up, ex.body.complete)
         except BaseException:
             pool.discard(up)
             raise
@@ -597,7 +607,7 @@ class Http1Proxy:
         return True
 
     async def _forward_response(self, fd: int, head: RequestHead, response: ResponseHead,
-                                up: UpstreamConn) -> bool:
+                                up: UpstreamConn, body_complete: bool) -> bool:
         """Send the response head and body; True when the client connection may be reused.
 
         A response the upstream breaks off is passed on broken (truncated,
@@ -605,7 +615,8 @@ class Http1Proxy:
         """
         buf = up.buffer
         kind = response.body
-        client_keep = head.keep_alive and kind != BODY_UNTIL_CLOSE and not self.draining
+        client_keep = (head.keep_alive and kind != BODY_UNTIL_CLOSE and not self.draining
+                       and body_complete)
         if not client_keep:
             extra = b"connection: close\r\n"
         elif head.version == 10:
