@@ -1,4 +1,5 @@
-"""python -m bench SCENARIO [--targets ...] [--duration S] [--warmup S] [--rounds N] ..."""
+"""python -m bench SCENARIO [--targets ...] [--duration S] [--warmup S] [--rounds N]
+[--rate RPS --loadgen-procs N] [--no-pin] ..."""
 
 import argparse
 import signal
@@ -6,7 +7,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from . import BenchError, report, runner, targets, upstream
+from . import BenchError, hdr, report, runner, targets, upstream
 from .scenarios import ALL as SCENARIOS
 
 _RESULTS = Path(__file__).resolve().parent / "results"
@@ -28,6 +29,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds, run forward, reverse, forward, ... (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="meshproxy worker processes")
+    parser.add_argument("--rate", type=float,
+                        help="HTTP scenarios: open-loop load at this many req/s in all, latency "
+                             "into HDR histograms (default: closed loop with wrk)")
+    parser.add_argument("--loadgen-procs", type=int, default=2,
+                        help="open-loop generator processes (default: %(default)s)")
+    parser.add_argument("--connections", type=int, default=50,
+                        help="connections: wrk -c, or in all over the generator processes "
+                             "(default: %(default)s)")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="taskset the proxy to CPU 1 and everything else to CPU 0 "
+                             "(default: on)")
     parser.add_argument("--out", type=Path,
                         help="results directory (default: bench/results/<timestamp>-<scenario>)")
     args = parser.parse_args(argv)
@@ -36,6 +48,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown targets {sorted(unknown)}; known: {', '.join(targets.ALL)}")
     if args.duration < 1 or args.warmup < 0 or args.rounds < 1 or args.workers < 1:
         parser.error("--duration, --rounds and --workers must be >= 1, --warmup >= 0")
+    if args.loadgen_procs < 1 or args.connections < args.loadgen_procs:
+        parser.error("--loadgen-procs must be >= 1 and --connections >= --loadgen-procs")
+    if args.rate is not None:
+        if args.rate <= 0:
+            parser.error("--rate must be > 0")
+        if not SCENARIOS[args.scenario].open_loop:
+            parser.error(f"--rate does not apply to {args.scenario} (HTTP scenarios only)")
+        if reason := hdr.missing():
+            parser.error(f"--rate needs HDR histograms: {reason}")
     return args
 
 
@@ -52,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if reason := upstream.missing(scenario.origin):
         runner.progress(f"cannot run {scenario.name}: {reason}")
         return 1
-    out = args.out or _RESULTS / f"{datetime.now():%Y%m%d-%H%M%S}-{scenario.name}"
-    options = runner.Options(args.duration, args.warmup, args.rounds, args.workers)
+    mode = f"-rate{args.rate:g}" if args.rate else ""
+    out = args.out or _RESULTS / f"{datetime.now():%Y%m%d-%H%M%S}-{scenario.name}{mode}"
+    options = runner.Options(args.duration, args.warmup, args.rounds, args.workers, args.pin,
+                             args.rate, args.loadgen_procs, args.connections)
     environment = runner.environment()
     try:
         runs = runner.run(scenario, chosen, options, out)

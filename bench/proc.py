@@ -26,6 +26,11 @@ _START_TIMEOUT = 15.0
 _STOP_GRACE = 5.0
 
 
+def pinned(argv: list[str], cpu: int | None) -> list[str]:
+    """`argv` run with `taskset -c CPU`, or as it is when `cpu` is None (--no-pin)."""
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
 def free_port() -> int:
     """A loopback TCP port nothing is bound to right now."""
     for _ in range(100):
@@ -76,13 +81,13 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextmanager
 def started(
-    argv: list[str], cpu: int, log: Path, port: int, ready_url: str | None = None
+    argv: list[str], cpu: int | None, log: Path, port: int, ready_url: str | None = None
 ) -> Iterator[subprocess.Popen]:
-    """Run `argv` pinned to `cpu` in its own process group, output to `log`; yield once it
-    listens on `port` (and `ready_url` answers 200); stop it on exit."""
+    """Run `argv` pinned to `cpu` (None: unpinned) in its own process group, output to `log`;
+    yield once it listens on `port` (and `ready_url` answers 200); stop it on exit."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            ["taskset", "-c", str(cpu), *argv],
+            pinned(argv, cpu),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

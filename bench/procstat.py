@@ -98,15 +98,29 @@ class PeakRss:
         self._thread.join()
 
 
-def cpu_busy_seconds(cpu: int) -> float:
-    """Non-idle seconds of one CPU since boot (user, nice, system, irq, softirq, steal)."""
+def _cpu_fields(cpu: int) -> list[int]:
+    """One CPU's line of /proc/stat: user nice system idle iowait irq softirq steal, in ticks."""
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith(f"cpu{cpu} "):
-                user, nice, system, _idle, _iowait, irq, softirq, steal = line.split()[1:9]
-                busy = (user, nice, system, irq, softirq, steal)
-                return sum(map(int, busy)) / _TICKS_PER_SECOND
+                return [int(v) for v in line.split()[1:9]]
     raise ValueError(f"no cpu{cpu} in /proc/stat")
+
+
+def cpu_idle_seconds(cpu: int) -> float:
+    """Idle (and iowait) seconds of one CPU since boot. A CPU's busy time over a window is the
+    window minus this: with a tickless kernel the idle time is measured exactly, while the
+    user/system columns are sampled at ticks, and a CPU that sleeps and wakes thousands of times a
+    second (a proxy, a load generator) gets far fewer busy ticks than it was busy."""
+    fields = _cpu_fields(cpu)
+    return (fields[3] + fields[4]) / _TICKS_PER_SECOND
+
+
+def cpu_irq_seconds(cpu: int) -> float:
+    """Seconds one CPU spent in interrupts and softirqs since boot: work such as loopback TCP
+    receive processing that the kernel charges to the CPU, not to a process."""
+    fields = _cpu_fields(cpu)
+    return (fields[5] + fields[6]) / _TICKS_PER_SECOND
 
 
 def listen_drops() -> int:

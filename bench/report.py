@@ -1,4 +1,7 @@
-"""Results: ratios within each round, medians over rounds, summary.json and report.md."""
+"""Results: ratios within each round, medians over rounds, HDR histograms pooled over rounds,
+summary.json, report.md, one .hgrm per target and a latency-by-percentile plot."""
+
+from __future__ import annotations
 
 import json
 import statistics
@@ -7,11 +10,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import hdr, plot
+
 if TYPE_CHECKING:
     from .scenarios import Scenario
 
 
 _INTERFERENCE = 0.15  # cores of CPU 1 busy beyond the proxy's own CPU that get a note
+_LOAD_BOUND = 0.95  # CPU 0 busier than this: the load side (generator + origin) is the limit
 
 
 @dataclass(frozen=True)
@@ -30,20 +36,28 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     command: str = ""
     error: str | None = None
+    histogram: str | None = None  # latency (µs), HdrHistogram's compressed base64 form
+
+
+_RATIOS = (  # (name, reference target, metric: "primary" or a key)
+    ("x_direct", "direct", "primary"),
+    ("x_nginx", "nginx", "primary"),
+    ("x_haproxy", "haproxy", "primary"),
+    ("cost_x_nginx", "nginx", "cost_us"),
+    ("cost_x_haproxy", "haproxy", "cost_us"),
+)
 
 
 def add_ratios(runs: list[Run], primary: str) -> None:
-    """Set x_direct, x_haproxy (on `primary`) and cost_x_haproxy (on cost_us), each against the
-    reference measured in the same round, so drift between rounds cancels."""
+    """Set x_direct, x_nginx, x_haproxy (on `primary`), cost_x_nginx and cost_x_haproxy (on
+    cost_us), each against the reference measured in the same round, so drift between rounds
+    cancels."""
     by_round: dict[int, dict[str, Run]] = defaultdict(dict)
     for run in runs:
         by_round[run.round][run.target] = run
     for round_runs in by_round.values():
-        for ratio, reference, metric in (
-            ("x_direct", "direct", primary),
-            ("x_haproxy", "haproxy", primary),
-            ("cost_x_haproxy", "haproxy", "cost_us"),
-        ):
+        for ratio, reference, metric in _RATIOS:
+            metric = primary if metric == "primary" else metric
             ref = round_runs.get(reference)
             if ref is None or not ref.metrics.get(metric):
                 continue
@@ -53,44 +67,81 @@ def add_ratios(runs: list[Run], primary: str) -> None:
 
 
 def aggregate(runs: list[Run]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per target and metric: median, min, max and n over the successful rounds."""
+    """Per target and metric: median, min, max, sum and n over the successful rounds."""
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         for key, value in run.metrics.items():
             values[run.target][key].append(value)
     return {
         target: {
-            key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+            key: {"median": statistics.median(v), "min": min(v), "max": max(v), "sum": sum(v),
+                  "n": len(v)}
             for key, v in metrics.items()
         }
         for target, metrics in values.items()
     }
 
 
-def _cell(stats: dict[str, dict[str, float]], column: Column) -> str:
-    stat = stats.get(column.key)
-    return "–" if stat is None else format(stat["median"], column.fmt)
+def pooled_histograms(runs: list[Run]) -> dict[str, hdr.Histogram]:
+    """Per target, the latency histograms of all its rounds added together."""
+    encoded: dict[str, list[str]] = defaultdict(list)
+    for run in runs:
+        if run.histogram:
+            encoded[run.target].append(run.histogram)
+    return {target: hdr.merged(texts) for target, texts in encoded.items()}
 
 
-def _table(
-    primary: Column, columns: list[Column], targets: list[str], skipped: dict, agg: dict
-) -> list[str]:
-    headers = ["target", f"{primary.header} median", "min–max", *(c.header for c in columns)]
+# -- markdown ----------------------------------------------------------------------------------
+
+
+def _cell(stats: dict[str, dict[str, float]], column: Column, stat: str = "median") -> str:
+    value = stats.get(column.key)
+    return "–" if value is None else format(value[stat], column.fmt)
+
+
+def _table(first: list[str], columns: list[Column], targets: list[str], skipped: dict,
+           agg: dict, primary: Column | None, stat: str = "median") -> list[str]:
+    """A markdown table: per target, optionally the headline figure with its spread, then
+    `columns` (their `stat` over rounds)."""
+    headers = [*first, *(c.header for c in columns)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for target in targets:
         stats = agg.get(target)
-        if stats is None or primary.key not in stats:
+        if stats is None or (primary and primary.key not in stats):
             status = "skipped" if target in skipped else "failed"
             lines.append(f"| {target} | {status} |" + " |" * (len(headers) - 2))
             continue
-        p = stats[primary.key]
-        spread = f"{p['min']:{primary.fmt}}–{p['max']:{primary.fmt}} ({p['n']})"
-        cells = [target, f"**{p['median']:{primary.fmt}}**", spread]
-        lines.append("| " + " | ".join(cells + [_cell(stats, c) for c in columns]) + " |")
+        cells = [target]
+        if primary:
+            p = stats[primary.key]
+            cells += [f"**{p['median']:{primary.fmt}}**",
+                      f"{p['min']:{primary.fmt}}–{p['max']:{primary.fmt}} ({p['n']})"]
+        lines.append("| " + " | ".join(cells + [_cell(stats, c, stat) for c in columns]) + " |")
     return lines
 
 
-def _notes(scenario: "Scenario", skipped: dict[str, str], runs: list[Run], env: dict) -> list[str]:
+def _hdr_table(targets: list[str], pooled: dict[str, hdr.Histogram], files: dict[str, str],
+               agg: dict) -> list[str]:
+    headers = ["target", "samples", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "p99.99 ms",
+               "max ms", "errors", "non-2xx", "distribution"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for target in targets:
+        if target not in pooled:
+            continue
+        s = hdr.summary(pooled[target])
+        stats = agg.get(target, {})
+        total = {k: stats[k]["sum"] if k in stats else 0 for k in ("errors", "non_2xx")}
+        cells = [target, f"{s['count']:,.0f}",
+                 *(f"{s[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms",
+                                           "p99.99_ms")),
+                 f"{s['max_ms']:.2f}", f"{total['errors']:,.0f}", f"{total['non_2xx']:,.0f}",
+                 f"[{files[target]}]({files[target]})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _notes(scenario: Scenario, skipped: dict[str, str], runs: list[Run], env: dict,
+           options: dict[str, Any]) -> list[str]:
     cost = f"µs/{scenario.cost_unit}"
     notes = [
         "Medians over rounds, (n) = successful rounds. Ratios are taken within a round, "
@@ -100,17 +151,59 @@ def _notes(scenario: "Scenario", skipped: dict[str, str], runs: list[Run], env: 
         "÷ the work the load tool completed. Peak RSS: the largest sum of VmHWM over the tree's "
         "live processes, sampled every 0.5 s in the window.",
     ]
+    if options.get("rate"):
+        notes.append(
+            f"Open loop: {options['rate']:,.0f} req/s in all from {options['loadgen_procs']} "
+            f"generator processes over {options['connections']} kept-alive connections "
+            "(a new one per request for Connection: close); latency runs from each request's "
+            "intended send time to the last byte of its response, so a stall counts in every "
+            "request scheduled during it. Lag = how late a generator noticed a request was due "
+            "(its own contribution to latency); queued = share of requests that found every "
+            "connection of their process busy; unsent = requests still waiting when the run "
+            "ended."
+        )
+    elif scenario.open_loop:
+        notes.append(
+            "Closed loop (wrk): latency percentiles come from wrk's own histogram, which includes "
+            "wrk's adjustment for coordinated omission; with a fixed number of connections a "
+            "slow target gets fewer requests instead of longer queues. Use --rate for "
+            "open-loop latency."
+        )
     notes += [f"Skipped {name}: {reason}" for name, reason in skipped.items()]
     busy = [
         f"{run.target} r{run.round} {other:.2f}"
         for run in runs
-        if (other := run.metrics.get("proxy_core_busy", 0.0) - run.metrics.get("proxy_cores", 0.0))
+        if (other := run.metrics.get("proxy_core_busy", 0.0) - run.metrics.get("proxy_cores", 0.0)
+            - run.metrics.get("proxy_core_irq", 0.0)) > _INTERFERENCE
+    ]
+    if busy and options.get("pin", True):
+        notes.append(
+            "CPU 1 busy beyond the proxy's own CPU and interrupt/softirq work (cores; other "
+            "processes ran on the proxy's core, so treat these runs with care; for `direct` "
+            f"nothing of the suite runs there): {', '.join(busy)}."
+        )
+    crowded = [
+        f"{run.target} r{run.round} {other:.2f}"
+        for run in runs
+        if (other := run.metrics.get("load_core_busy", 0.0) - run.metrics.get("load_core_irq", 0.0)
+            - run.metrics.get("loadgen_cores", 0.0) - run.metrics.get("origin_cores", 0.0))
         > _INTERFERENCE
     ]
-    if busy:
+    if crowded and options.get("pin", True):
         notes.append(
-            "CPU 1 busy beyond the proxy's own CPU (cores; other processes or softirq work on "
-            f"that core, so treat these runs with care): {', '.join(busy)}."
+            "CPU 0 busy beyond the load generator, the origin and interrupt/softirq work (cores; "
+            "other processes took time from the load side, which then sends less or later): "
+            f"{', '.join(crowded)}."
+        )
+    bound = [
+        f"{run.target} r{run.round} {run.metrics['load_core_busy']:.2f}"
+        for run in runs
+        if run.metrics.get("load_core_busy", 0.0) > _LOAD_BOUND
+    ]
+    if bound and options.get("pin", True):
+        notes.append(
+            "CPU 0 (load generator + origin) was saturated, so these figures are load-side "
+            f"bound and the cost columns are the comparison to use: {', '.join(bound)}."
         )
     drops = [
         f"{run.target} r{run.round} {run.metrics['listen_drops']:,.0f}"
@@ -132,19 +225,73 @@ def _notes(scenario: "Scenario", skipped: dict[str, str], runs: list[Run], env: 
     return [f"- {note}" for note in notes]
 
 
+def _columns(scenario: Scenario, open_loop: bool) -> tuple[list[Column], list[Column],
+                                                          list[Column]]:
+    """The columns of the throughput/cost table, the latency table (medians over rounds, used
+    when there are no histograms) and the load-side table."""
+    cost = f"µs/{scenario.cost_unit}"
+    latency_keys = {"p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms", "errors", "non_2xx"}
+    extra = [c for c in scenario.columns if c.key not in latency_keys]
+    latency = [c for c in scenario.columns if c.key in latency_keys]
+    main = [*extra]
+    if open_loop:
+        main.insert(0, Column("target req/s", "rate", ",.0f"))
+    main += [
+        Column("proxy CPU (cores)", "proxy_cores", ".2f"),
+        Column(f"proxy {cost}", "cost_us", ",.1f"),
+        Column("peak RSS MiB", "peak_rss_mib", ".1f"),
+    ]
+    if not open_loop:
+        main += [Column("×nginx", "x_nginx", ".2f"), Column("×haproxy", "x_haproxy", ".2f")]
+    main += [
+        Column(f"{cost} ×nginx", "cost_x_nginx", ".2f"),
+        Column(f"{cost} ×haproxy", "cost_x_haproxy", ".2f"),
+    ]
+    if not open_loop:
+        main.append(Column("×direct", "x_direct", ".2f"))
+    side = [
+        Column("origin CPU (cores)", "origin_cores", ".2f"),
+        Column("load generator CPU (cores)", "loadgen_cores", ".2f"),
+        Column("CPU 0 busy (cores)", "load_core_busy", ".2f"),
+        Column("CPU 1 busy (cores)", "proxy_core_busy", ".2f"),
+        Column("CPU 1 irq+softirq (cores)", "proxy_core_irq", ".2f"),
+    ]
+    if open_loop:
+        side += [
+            Column("generator µs/req", "loadgen_us", ".1f"),
+            Column("lag p99 ms", "lag_p99_ms", ".3f"),
+            Column("lag max ms", "lag_max_ms", ".2f"),
+            Column("queued", "queued", ".2%"),
+            Column("unsent", "unsent", ",.0f"),
+        ]
+    return main, latency, side
+
+
 def write(
     out: Path,
     *,
-    scenario: "Scenario",
+    scenario: Scenario,
     targets: list[str],
     skipped: dict[str, str],
     runs: list[Run],
     options: dict[str, Any],
     environment: dict[str, Any],
 ) -> str:
-    """Write summary.json and report.md into `out`; return the markdown."""
+    """Write summary.json, report.md, <target>.hgrm and latency.png into `out`; return the
+    markdown."""
     add_ratios(runs, scenario.primary.key)
     agg = aggregate(runs)
+    pooled = pooled_histograms(runs)
+    files = {}
+    for target, hist in pooled.items():
+        files[target] = f"{target}.hgrm"
+        (out / files[target]).write_text(hdr.hgrm(hist))
+    open_loop = bool(options.get("rate"))
+    plot_note = plot.latency_by_percentile(
+        out / "latency.png", {t: (out / files[t]).read_text() for t in targets if t in files},
+        title=f"{scenario.name}: "
+        + (f"open loop, {options['rate']:,.0f} req/s" if open_loop else "closed loop (wrk)"),
+    ) if files else "no latency histograms"
     command = next((run.command for run in runs if run.command), "")
     summary = {
         "scenario": scenario.name,
@@ -155,33 +302,56 @@ def write(
         "targets": targets,
         "skipped": skipped,
         "aggregate": agg,
+        "latency_pooled": {t: hdr.summary(h) for t, h in pooled.items()},
         "runs": [asdict(run) for run in runs],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    cost = f"µs/{scenario.cost_unit}"
-    columns = [
-        *scenario.columns,
-        Column("proxy CPU (cores)", "proxy_cores", ".2f"),
-        Column(f"proxy {cost}", "cost_us", ",.1f"),
-        Column("peak RSS MiB", "peak_rss_mib", ".1f"),
-        Column("origin CPU (cores)", "origin_cores", ".2f"),
-        Column("×direct", "x_direct", ".2f"),
-        Column("×haproxy", "x_haproxy", ".2f"),
-        Column(f"{cost} ×haproxy", "cost_x_haproxy", ".2f"),
-    ]
+    main, latency, side = _columns(scenario, open_loop)
+    primary = scenario.primary
+    if open_loop:
+        primary = Column("achieved req/s", "rps", ",.0f")
+        main = [c for c in main if c.key != "rps"]
     order = " (forward, reverse, …)" if options["rounds"] > 1 else ""
+    pin = ("each proxy alone on CPU 1" if options.get("pin", True)
+           else "nothing pinned (--no-pin)")
     lines = [
         f"# {scenario.name}: {scenario.summary}",
         "",
         f"{environment['started']}; {options['rounds']} round(s){order}, "
         f"{options['warmup']} s warm-up + {options['duration']} s measured per run; "
         f"meshproxy workers: {options['workers']}.",
-        f"Load: `{command}` on CPU 0 with the origin; each proxy alone on CPU 1.",
+        f"Load: `{command}` on CPU 0 with the origin; {pin}.",
         "",
-        *_table(scenario.primary, columns, targets, skipped, agg),
+        "## Throughput and proxy cost",
         "",
-        *_notes(scenario, skipped, runs, environment),
+        *_table(["target", f"{primary.header} median", "min–max"], main, targets, skipped, agg,
+                primary),
+        "",
+    ]
+    if pooled:
+        lines += [
+            "## Latency (HDR histograms, all rounds pooled)",
+            "",
+            *_hdr_table(targets, pooled, files, agg),
+            "",
+            (f"No plot: {plot_note}. " if plot_note else "Plot: [latency.png](latency.png). ")
+            + "Errors and non-2xx are totals over the rounds. Samples = requests measured"
+            + (" (completed requests)." if open_loop else
+               ", plus the samples wrk adds for its coordinated-omission adjustment."),
+            "",
+        ]
+    elif latency:
+        lines += ["## Latency (medians over rounds)", "",
+                  *_table(["target"], latency, targets, skipped, agg, None), ""]
+    lines += [
+        "## Load side",
+        "",
+        *_table(["target"], side, targets, skipped, agg, None),
+        "",
+        "## Notes",
+        "",
+        *_notes(scenario, skipped, runs, environment, options),
         "",
     ]
     markdown = "\n".join(lines)

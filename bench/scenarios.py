@@ -7,25 +7,50 @@ from dataclasses import dataclass
 from . import load
 from .report import Column
 
+_KIB, _MIB = 1 << 10, 1 << 20
+
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
     summary: str
     origin: str  # "http" (nginx) or "iperf3": see upstream.py
-    listener: str  # what each target exposes: "tcp" (L4)
-    run_load: Callable[[int, int], load.LoadResult]  # (port, seconds)
-    primary: Column  # the headline figure; ratios to direct and haproxy are taken on it
+    listener: str  # what each target exposes: "tcp" (L4) or "http" (L7, HTTP/1.1)
+    # (port, seconds, settings[, window]): applies the load, marks the measured window
+    run_load: Callable[..., load.LoadResult]
+    primary: Column  # the headline figure; ratios to direct, nginx and haproxy are taken on it
     columns: tuple[Column, ...]  # further figures from the load tool
     cost_unit: str  # proxy CPU is reported per this unit of work ("req", "MiB")
+    open_loop: bool = False  # whether --rate (the open-loop generator) applies
 
 
 _LATENCY = (
     Column("p50 ms", "p50_ms", ".2f"),
     Column("p90 ms", "p90_ms", ".2f"),
     Column("p99 ms", "p99_ms", ".2f"),
+    Column("p99.9 ms", "p99.9_ms", ".2f"),
+    Column("max ms", "max_ms", ".1f"),
     Column("errors", "errors", ",.0f"),
+    Column("non-2xx", "non_2xx", ",.0f"),
 )
+_REQ_S = Column("req/s", "rps", ",.0f")
+_MIB_S = Column("MiB/s", "mibps", ",.0f")
+
+
+def _http(name: str, summary: str, listener: str, request: load.HttpRequest,
+          primary: Column = _REQ_S, extra: tuple[Column, ...] = ()) -> Scenario:
+    return Scenario(
+        name=name,
+        summary=summary,
+        origin="http",
+        listener=listener,
+        run_load=load.http(request),
+        primary=primary,
+        columns=(*extra, *_LATENCY),
+        cost_unit="req",
+        open_loop=True,
+    )
+
 
 ALL: dict[str, Scenario] = {
     s.name: s
@@ -40,27 +65,23 @@ ALL: dict[str, Scenario] = {
             columns=(Column("retransmits", "retransmits", ",.0f"),),
             cost_unit="MiB",
         ),
-        Scenario(
-            name="tcp-rps",
-            summary="wrk GET /hello over 50 kept-alive connections through the L4 listener",
-            origin="http",
-            listener="tcp",
-            run_load=lambda port, seconds: load.wrk(port, "/hello", seconds),
-            primary=Column("req/s", "rps", ",.0f"),
-            columns=_LATENCY,
-            cost_unit="req",
-        ),
-        Scenario(
-            name="tcp-new-conn",
-            summary="wrk GET /hello with 'Connection: close' (a new connection per request)",
-            origin="http",
-            listener="tcp",
-            run_load=lambda port, seconds: load.wrk(
-                port, "/hello", seconds, headers=("Connection: close",)
-            ),
-            primary=Column("req/s", "rps", ",.0f"),
-            columns=_LATENCY,
-            cost_unit="req",
-        ),
+        _http("tcp-rps", "GET /hello over 50 kept-alive connections through the L4 listener",
+              "tcp", load.HttpRequest()),
+        _http("tcp-new-conn", "GET /hello with 'Connection: close' through the L4 listener",
+              "tcp", load.HttpRequest(close=True)),
+        _http("http1-keepalive",
+              "GET /hello over 50 kept-alive connections through the HTTP listener",
+              "http", load.HttpRequest()),
+        _http("http1-new-conn",
+              "GET /hello with 'Connection: close' (a new connection per request), HTTP listener",
+              "http", load.HttpRequest(close=True)),
+        _http("http1-1mib", "GET /1m.bin (1 MiB responses) over 50 kept-alive connections, "
+              "HTTP listener (MiB/s of response bodies)",
+              "http", load.HttpRequest(path="/1m.bin", payload=_MIB), primary=_MIB_S,
+              extra=(_REQ_S,)),
+        _http("http1-post", "POST /upload with a 64 KiB body over 50 kept-alive connections, "
+              "HTTP listener (req/s; MiB/s of request bodies)",
+              "http", load.HttpRequest("POST", "/upload", 64 * _KIB, payload=64 * _KIB),
+              extra=(_MIB_S,)),
     )
 }

@@ -1,8 +1,9 @@
 """The systems under test: how each is configured, started on the proxy core, and stopped.
 
 Each target writes its config into a fresh work directory and returns the command to run;
-`running` starts it with `taskset -c PROXY_CPU`, waits until it accepts, and stops it by PID.
-`listener` names what the scenario needs the target to expose: "tcp" (an L4 forwarder).
+`running` starts it with `taskset -c PROXY_CPU` (unless --no-pin), waits until it accepts, and
+stops it by PID. `listener` names what the scenario needs the target to expose: "tcp" (an L4
+forwarder) or "http" (an HTTP/1.1 reverse proxy with upstream keep-alive).
 """
 
 import functools
@@ -40,8 +41,8 @@ class Target:
     name: str
     listeners: frozenset[str] = frozenset({"tcp"})
 
-    def missing(self) -> str | None:
-        """Why this target cannot run here, or None."""
+    def missing(self, listener: str) -> str | None:
+        """Why this target cannot expose `listener` here, or None."""
         return None
 
     def launch(
@@ -65,15 +66,14 @@ class Direct(Target):
         return None
 
 
-_MESHPROXY_TCP = """\
+_MESHPROXY = """\
 node: {{id: bench}}
 admin: {{address: {host}:{admin}}}
 workers: {workers}
 listeners:
   - name: bench-in
     address: {host}:{port}
-    protocol: tcp
-    cluster: origin
+{listener}
 clusters:
   - name: origin
     endpoints: [{host}:{upstream}]
@@ -81,8 +81,18 @@ clusters:
 """
 
 
+_MESHPROXY_LISTENER = {
+    "tcp": "    protocol: tcp\n    cluster: origin",
+    "http": "    protocol: http\n    routes:\n      - {name: all, match: {prefix: /}, cluster: origin}",
+}
+
+
 class Meshproxy(Target):
+    """meshproxy itself: a `protocol: tcp` listener, or a `protocol: http` listener with one
+    route for every path, both to the cluster `origin`."""
+
     name = "meshproxy"
+    listeners = frozenset({"tcp", "http"})
 
     @staticmethod
     def command() -> list[str] | None:
@@ -97,7 +107,7 @@ class Meshproxy(Target):
             pass
         return None
 
-    def missing(self):
+    def missing(self, listener):
         if self.command() is None:
             return "no `meshproxy` command and no importable proxy.cli (pip install -e .)"
         return None
@@ -106,8 +116,9 @@ class Meshproxy(Target):
         admin = proc.free_port()
         config = workdir / "meshproxy.yaml"
         config.write_text(
-            _MESHPROXY_TCP.format(
-                host=proc.HOST, admin=admin, workers=workers, port=port, upstream=upstream_port
+            _MESHPROXY.format(
+                host=proc.HOST, admin=admin, workers=workers, port=port, upstream=upstream_port,
+                listener=_MESHPROXY_LISTENER[listener],
             )
         )
         return Launch(
@@ -118,21 +129,25 @@ class Meshproxy(Target):
 
 
 class Haproxy(Target):
-    """HAProxy in `mode tcp`, one thread, default buffers (no splice options)."""
+    """HAProxy, one thread, default buffers (no splice options): `mode tcp`, or `mode http` with
+    `option http-keep-alive` and `http-reuse always` (pooled upstream connections)."""
 
     name = "haproxy"
+    listeners = frozenset({"tcp", "http"})
 
-    def missing(self):
+    def missing(self, listener):
         return _tool("haproxy")
 
     def launch(self, workdir, listener, port, upstream_port, workers):
         config = workdir / "haproxy.cfg"
+        mode = "  mode http\n  option http-keep-alive\n" if listener == "http" else "  mode tcp\n"
+        reuse = "  http-reuse always\n" if listener == "http" else ""
         config.write_text(
             "global\n  nbthread 1\n  maxconn 8000\n"
-            "defaults\n  mode tcp\n"
+            f"defaults\n{mode}"
             "  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
             f"frontend bench-in\n  bind {proc.HOST}:{port}\n  default_backend origin\n"
-            f"backend origin\n  server origin {proc.HOST}:{upstream_port}\n"
+            f"backend origin\n{reuse}  server origin {proc.HOST}:{upstream_port}\n"
         )
         return Launch(["haproxy", "-db", "-f", str(config)], config)
 
@@ -142,7 +157,7 @@ class Socat(Target):
 
     name = "socat"
 
-    def missing(self):
+    def missing(self, listener):
         return _tool("socat")
 
     def launch(self, workdir, listener, port, upstream_port, workers):
@@ -167,19 +182,49 @@ def _nginx_stream_preamble() -> str | None:
     return f"load_module {module};" if module.exists() else None
 
 
+# The HTTP reverse proxy of shared/reference/perf-anchors.md, plus client_body_buffer_size so
+# that a 64 KiB upload stays in memory (the default 16k spools every such body to a temp file).
+_NGINX_HTTP = """\
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_buffer_size 128k;
+  upstream origin {{
+    server {host}:{upstream};
+    keepalive 64;
+  }}
+  server {{
+    listen {host}:{port};
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffers 16 64k;
+      proxy_buffer_size 64k;
+      proxy_max_temp_file_size 0;
+    }}
+  }}
+}}"""
+
+
 class Nginx(Target):
-    """nginx stream module `proxy_pass`, one worker."""
+    """nginx, one worker: the stream module's `proxy_pass` (L4), or the HTTP reverse proxy of
+    perf-anchors.md (upstream keepalive 64)."""
 
     name = "nginx"
+    listeners = frozenset({"tcp", "http"})
 
-    def missing(self):
+    def missing(self, listener):
         if reason := _tool("nginx"):
             return reason
-        if _nginx_stream_preamble() is None:
+        if listener == "tcp" and _nginx_stream_preamble() is None:
             return "nginx has no stream module (apt-get install -y libnginx-mod-stream)"
         return None
 
     def launch(self, workdir, listener, port, upstream_port, workers):
+        if listener == "http":
+            body = _NGINX_HTTP.format(host=proc.HOST, port=port, upstream=upstream_port)
+            return Launch(upstream.write_nginx_conf(workdir, body), workdir / "nginx.conf")
         argv = upstream.write_nginx_conf(
             workdir,
             f"stream {{\n  server {{\n    listen {proc.HOST}:{port};\n"
@@ -195,19 +240,21 @@ ALL: dict[str, Target] = {t.name: t for t in (Direct(), Meshproxy(), Haproxy(), 
 def unavailable(target: Target, listener: str) -> str | None:
     """Why `target` cannot take part in a scenario needing `listener`, or None."""
     if listener not in target.listeners:
-        return f"no {listener} listener support in this suite yet"
-    return target.missing()
+        return f"no {listener} listener in this suite"
+    return target.missing(listener)
 
 
 @contextmanager
 def running(
-    target: Target, listener: str, upstream_port: int, workers: int, workdir: Path, log: Path
+    target: Target, listener: str, upstream_port: int, workers: int, workdir: Path, log: Path,
+    cpu: int | None,
 ) -> Iterator[Proxy]:
-    """Start `target` pinned to the proxy core; yield where to send load; stop it on exit."""
+    """Start `target` pinned to `cpu` (None: unpinned); yield where to send load; stop it on
+    exit."""
     port = proc.free_port()
     launch = target.launch(workdir, listener, port, upstream_port, workers)
     if launch is None:
         yield Proxy(upstream_port, None, None)
         return
-    with proc.started(launch.argv, proc.PROXY_CPU, log, port, launch.ready_url) as process:
+    with proc.started(launch.argv, cpu, log, port, launch.ready_url) as process:
         yield Proxy(port, process, launch.config)

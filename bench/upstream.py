@@ -1,7 +1,8 @@
 """The origin every target forwards to, pinned to the load core.
 
-- "http": nginx serving GET /hello ("hello") and GET /1m.bin (1 MiB of random bytes),
-  one worker, keepalive_requests high, access_log off, sendfile on.
+- "http": nginx serving GET /hello ("hello"), GET /1m.bin (1 MiB of random bytes) and
+  POST /upload (reads the whole body, then answers "uploaded"), one worker,
+  keepalive_requests high, access_log off, sendfile on.
 - "iperf3": an iperf3 server, for bulk TCP.
 """
 
@@ -55,6 +56,18 @@ def _nginx_origin(workdir: Path, port: int) -> list[str]:
         f"    listen {proc.HOST}:{port};\n"
         f"    root {www};\n"
         '    location = /hello { default_type text/plain; return 200 "hello"; }\n'
+        # POST /upload answers only once the whole body is in: the mirror module reads it
+        # before the content phase, whose 405 (empty_gif takes only GET) becomes a 200. A plain
+        # `return 200` would answer as soon as the head is in and drop the body afterwards.
+        "    location = /upload {\n"
+        "      client_body_buffer_size 128k;\n"
+        "      mirror /_sink;\n"
+        "      mirror_request_body on;\n"
+        "      error_page 405 =200 @uploaded;\n"
+        "      empty_gif;\n"
+        "    }\n"
+        '    location @uploaded { default_type text/plain; return 200 "uploaded"; }\n'
+        "    location = /_sink { internal; return 204; }\n"
         "  }\n"
         "}",
     )
@@ -67,8 +80,8 @@ def missing(kind: str) -> str | None:
 
 
 @contextmanager
-def origin(kind: str, workdir: Path, log: Path) -> Iterator[Origin]:
-    """Run the origin of this kind ("http" or "iperf3") until the block exits.
+def origin(kind: str, workdir: Path, log: Path, cpu: int | None) -> Iterator[Origin]:
+    """Run the origin of this kind ("http" or "iperf3") on `cpu` until the block exits.
 
     `workdir` must be readable by nginx's unprivileged worker user."""
     if reason := missing(kind):
@@ -79,5 +92,5 @@ def origin(kind: str, workdir: Path, log: Path) -> Iterator[Origin]:
         argv = _nginx_origin(workdir, port)
     else:
         argv = ["iperf3", "-s", "-B", proc.HOST, "-p", str(port)]
-    with proc.started(argv, proc.LOAD_CPU, log, port) as process:
+    with proc.started(argv, cpu, log, port) as process:
         yield Origin(port, process.pid)
