@@ -290,3 +290,51 @@ def stopped(pid: int) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+class TinyOrigin:
+    """A keep-alive HTTP/1.1 origin on a thread per connection: every request (bodies are
+    not expected) gets 200 with `body`; a path starting with /slow waits `delay` first."""
+
+    def __init__(self, body: bytes = b"ok", delay: float = 0.0) -> None:
+        self.body = body
+        self.delay = delay
+        self.server = socket.create_server((HOST, 0), backlog=256)
+        self.address = self.server.getsockname()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        response = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(self.body), self.body)
+        with conn:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    try:
+                        chunk = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                if self.delay and b" /slow" in head.split(b"\r\n", 1)[0]:
+                    time.sleep(self.delay)
+                try:
+                    conn.sendall(response)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.server.close()

@@ -7,23 +7,21 @@ import http.client
 import json
 import os
 import signal
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .support import HOST, free_port, wait_for
-from .test_drain_http import SlowOrigin
+from .support import HOST, TinyOrigin, free_port, wait_for
 
 
 @pytest.fixture
 def origin():
-    server = SlowOrigin(delay=0.03)  # every /slow request takes 30 ms at the origin
+    server = TinyOrigin(delay=0.03)  # every /slow request takes 30 ms at the origin
     yield server
     server.close()
 
 
-def config(origin: SlowOrigin) -> dict:
+def config(origin: TinyOrigin) -> dict:
     return {
         "node": {"id": "metrics-test"},
         "listeners": [{"name": "in", "address": f"{HOST}:{free_port()}", "protocol": "http",

@@ -5,60 +5,21 @@ from __future__ import annotations
 
 import http.client
 import signal
-import socket
-import threading
 import time
 
 import pytest
 
-from .support import HOST, free_port
-
-
-class SlowOrigin:
-    """HTTP/1.1 origin: /slow answers after `delay` seconds, anything else at once."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.server = socket.create_server((HOST, 0))
-        self.address = self.server.getsockname()
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, _, data = data.partition(b"\r\n\r\n")
-                if b" /slow" in head.split(b"\r\n", 1)[0]:
-                    time.sleep(self.delay)
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-
-    def close(self) -> None:
-        self._stop = True
-        self.server.close()
+from .support import HOST, TinyOrigin, free_port
 
 
 @pytest.fixture
 def origin():
-    server = SlowOrigin(delay=1.0)
+    server = TinyOrigin(delay=1.0)
     yield server
     server.close()
 
 
-def http_config(origin: SlowOrigin) -> dict:
+def http_config(origin: TinyOrigin) -> dict:
     return {
         "workers": 1,
         "drain_timeout": "20s",

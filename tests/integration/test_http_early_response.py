@@ -3,7 +3,6 @@ response (no reset from closing over unread bytes), marked `connection: close`."
 
 from __future__ import annotations
 
-import http.client
 import socket
 import threading
 import time

@@ -7,55 +7,18 @@ import http.client
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
 import pytest
 import yaml
 
-from .support import HOST, free_port, wait_for
-
-
-class NamedOrigin:
-    """An HTTP/1.1 origin that answers every request with its own name."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name.encode()
-        self.server = socket.create_server((HOST, 0), backlog=256)
-        self.address = f"{HOST}:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    try:
-                        chunk = conn.recv(65536)
-                    except OSError:
-                        return
-                    if not chunk:
-                        return
-                    data += chunk
-                _, _, data = data.partition(b"\r\n\r\n")
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(self.name), self.name))
-
-    def close(self) -> None:
-        self.server.close()
+from .support import HOST, TinyOrigin, free_port, wait_for
 
 
 @pytest.fixture
 def origins():
-    made = [NamedOrigin("blue"), NamedOrigin("green")]
+    made = [TinyOrigin(b"blue"), TinyOrigin(b"green")]
     yield made
     for origin in made:
         origin.close()
@@ -81,8 +44,8 @@ def make_config(origins, port: int, version: int, extra_port: int | None = None)
         "node": {"id": "reload-test"},
         "workers": 2,
         "listeners": listeners,
-        "clusters": [{"name": "blue", "endpoints": [blue.address]},
-                     {"name": "green", "endpoints": [green.address]}],
+        "clusters": [{"name": "blue", "endpoints": [blue.endpoint]},
+                     {"name": "green", "endpoints": [green.endpoint]}],
     }
 
 
