@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -178,3 +179,40 @@ def test_reload_from_file_and_sighup_and_restarted_worker(meshproxy, origins):
     for _ in range(20):
         assert get(port, "/v3") == (200, b"blue")
         assert get(port, "/v1")[0] == 404
+
+
+def test_a_streaming_response_started_before_a_reload_finishes_on_the_old_config(meshproxy, origins):
+    """A 2 s response from a cluster the reload removes still arrives whole; requests
+    after the reload go where the new config says."""
+    size, parts = 200_000, 20
+    streamer = socket.create_server((HOST, 0))
+
+    def stream() -> None:
+        conn, _ = streamer.accept()
+        with conn:
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+            for _ in range(parts):
+                conn.sendall(b"s" * (size // parts))
+                time.sleep(0.1)
+
+    threading.Thread(target=stream, daemon=True).start()
+    port = free_port()
+    config = make_config(origins, port, 1)
+    config["clusters"].append({"name": "old", "endpoints": [f"{HOST}:{streamer.getsockname()[1]}"]})
+    config["listeners"][0]["routes"].insert(0, {"name": "stream", "match": {"prefix": "/stream"}, "cluster": "old"})
+    proxy = meshproxy(config)
+    try:
+        client = http.client.HTTPConnection(HOST, port, timeout=10)
+        client.request("GET", "/stream")
+        response = client.getresponse()
+        first = response.read(10_000)
+        # Reload: the route and its cluster are gone, /stream now falls through to 404.
+        assert put(proxy, make_config(origins, port, 2)) == (200, {"version": 2, "changed": True})
+        assert get(port, "/stream")[0] == 404
+        rest = response.read()
+        assert len(first) + len(rest) == size and set(first + rest) == {ord("s")}
+        client.close()
+    finally:
+        streamer.close()
