@@ -36,7 +36,7 @@ from .._core.http1 import (
     parse_request,
     parse_response,
 )
-from .._core.iobuf import RecvBuffer, send_from
+from .._core.iobuf import RecvBuffer, send_from, tcp_bytes
 from .._core.splice import (
     PUMP_BUDGET,
     PUMP_EOF,
@@ -199,6 +199,9 @@ class Http1Proxy:
             log.debug("%s: client connection ended: %s", self.listener.name, exc)
         finally:
             stats.active -= 1
+            received, sent = tcp_bytes(client_fd)
+            stats.bytes_from_clients += received
+            stats.bytes_to_clients += sent
             sockops.close_fd(client_fd)
 
     async def _serve_requests(self, fd: int) -> None:

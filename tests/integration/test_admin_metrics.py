@@ -117,3 +117,20 @@ def test_clusters_endpoint_counts_per_endpoint(meshproxy, origin):
     assert endpoint["address"] == f"{origin.address[0]}:{origin.address[1]}"
     assert (endpoint["requests"], endpoint["errors"], endpoint["active_requests"]) == (7, 0, 0)
     assert cluster["pool_hits"] + cluster["pool_misses"] == 7
+
+
+def test_http_listener_counts_its_bytes(meshproxy, origin):
+    proxy = meshproxy(config(origin))
+    conn = http.client.HTTPConnection(*proxy.address(), timeout=10)
+    conn.request("GET", "/fast/bytes")
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    wait_for(lambda: samples(proxy).get(("meshproxy_downstream_bytes_total",
+                                         frozenset({"listener": "in", "direction": "in"}.items())), 0) > 0,
+             timeout=5, what="the connection's bytes counted")
+    metrics = samples(proxy)
+    received = metrics[("meshproxy_downstream_bytes_total", frozenset({"listener": "in", "direction": "in"}.items()))]
+    sent = metrics[("meshproxy_downstream_bytes_total", frozenset({"listener": "in", "direction": "out"}.items()))]
+    assert received >= len("GET /fast/bytes HTTP/1.1\r\n\r\n")
+    assert sent > len(body)
