@@ -9,36 +9,26 @@ turns 503, workers stop accepting and finish open connections up to
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from datetime import datetime, timezone
 
 import trio
 
 from . import __version__, control
-from .admin import AdminApp, AdminRequest, AdminResponse, bind_listening_socket, serve_admin
-from .config import Config, ConfigError, FieldError, config_to_dict, load_config, parse_config
+from .admin import AdminApp, bind_listening_socket, serve_admin
+from .admin.endpoints import AdminEndpoints, read_token
+from .config import Config, ConfigError, FieldError, config_to_dict, load_config
 from .errors import UsageError
 from .net.listen import bind_listener, bound_address
 from .telemetry import (
-    CONTENT_TYPE as METRICS_CONTENT_TYPE,
     LatencyWindow,
     Snapshot,
-    SupervisorStats,
     Totals,
-    hgrm,
-    latency_json,
-    read_process_usage,
-    render_metrics,
-    select,
 )
 
 log = logging.getLogger("meshproxy.supervisor")
@@ -102,128 +92,14 @@ class Supervisor:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self._apply_lock = trio.Lock()
-        self.admin_app = AdminApp(_read_token(config.admin.token_file))
-        self.admin_app.route("GET", "/ready", self._get_ready)
-        self.admin_app.route("GET", "/live", self._get_live)
-        self.admin_app.route("GET", "/config", self._get_config)
-        self.admin_app.route("GET", "/metrics", self._get_metrics)
-        self.admin_app.route("GET", "/stats/latency", self._get_latency)
-        self.admin_app.route("POST", "/drain", self._post_drain)
-        self.admin_app.route("POST", "/shutdown", self._post_shutdown)
-        self.admin_app.route("GET", "/clusters", self._get_clusters)
-        self.admin_app.route("PUT", "/config", self._put_config)
-        self.admin_app.route("POST", "/reload", self._post_reload)
+        self.admin_app = AdminApp(read_token(config.admin.token_file))
+        AdminEndpoints(self).register(self.admin_app)
         self._nursery: trio.Nursery
-        self._drained: trio.Event | None = None
+        self.drained: trio.Event | None = None
         self._exit_after_drain = False
 
     # -- admin handlers -------------------------------------------------
-    async def _get_ready(self, request: AdminRequest) -> AdminResponse:
-        if self.draining:
-            return AdminResponse.text(503, "draining\n")
-        if not self.ready:
-            return AdminResponse.text(503, "starting\n")
-        return AdminResponse.text(200, "ready\n")
-
-    async def _get_live(self, request: AdminRequest) -> AdminResponse:
-        return AdminResponse.text(200, "live\n")
-
-    async def _get_config(self, request: AdminRequest) -> AdminResponse:
-        body = config_to_dict(self.config)
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        applied = datetime.fromtimestamp(self.config_applied, timezone.utc).isoformat()
-        return AdminResponse.json(200, {"version": self.config_version, "sha256": digest,
-                                        "applied_at": applied, "config": body})
-
-    async def _get_metrics(self, request: AdminRequest) -> AdminResponse:
-        snapshot = await self._collect()
-        processes = [read_process_usage("supervisor", os.getpid())]
-        for slot in self.slots:
-            if slot.process is not None and slot.process.returncode is None:
-                processes.append(read_process_usage(f"worker-{slot.index}", slot.process.pid))
-        supervisor = SupervisorStats(
-            node=self.config.node.id, config_version=self.config_version, reloads_ok=self.reloads_ok,
-            reloads_failed=self.reloads_failed, worker_restarts=self.restarts,
-            processes=[usage for usage in processes if usage is not None],
-        )
-        return AdminResponse(200, render_metrics(snapshot, supervisor), METRICS_CONTENT_TYPE)
-
-    async def _get_clusters(self, request: AdminRequest) -> AdminResponse:
-        """Per cluster and endpoint: balancing, weights, and what the workers counted."""
-        snapshot = await self._collect()
-        clusters = []
-        for cluster in self.config.clusters:
-            stats = snapshot.clusters.get(cluster.name)
-            endpoints = []
-            for endpoint in cluster.endpoints:
-                counted = stats.endpoints.get(str(endpoint.address)) if stats else None
-                endpoints.append({
-                    "address": str(endpoint.address),
-                    "weight": endpoint.weight,
-                    "health": "healthy",  # no health checks or ejection yet: always eligible
-                    "active_requests": counted.active if counted else 0,
-                    "requests": counted.requests if counted else 0,
-                    "errors": counted.errors if counted else 0,
-                })
-            clusters.append({
-                "name": cluster.name,
-                "lb": cluster.lb,
-                "connect_timeout": cluster.connect_timeout,
-                "upstream_connections_opened": stats.connections if stats else 0,
-                "pool_hits": stats.pool_hits if stats else 0,
-                "pool_misses": stats.pool_misses if stats else 0,
-                "connect_failures": stats.connect_failures if stats else 0,
-                "endpoints": endpoints,
-            })
-        return AdminResponse.json(200, {"version": self.config_version, "clusters": clusters})
-
-    async def _get_latency(self, request: AdminRequest) -> AdminResponse:
-        query = {name: values[-1] for name, values in request.query.items()}
-        fmt = query.get("format", "json")
-        if fmt not in ("json", "hgrm"):
-            return AdminResponse.text(400, "format must be json or hgrm\n")
-        hists = self.latency.interval(await self._collect(), reset=query.get("reset") in ("1", "true"))
-        if fmt == "json":
-            return AdminResponse.json(200, latency_json(hists))
-        selectors = [kind for kind in ("route", "cluster", "listener") if kind in query]
-        if len(selectors) != 1:
-            return AdminResponse.text(400, "format=hgrm needs one of route=, cluster= or listener=\n")
-        kind = selectors[0]
-        try:
-            counts = select(hists, kind, query[kind])
-        except LookupError as exc:
-            return AdminResponse.text(404, f"{exc}\n")
-        return AdminResponse.text(200, hgrm(counts))
-
     # -- reload -----------------------------------------------------------
-    async def _put_config(self, request: AdminRequest) -> AdminResponse:
-        try:
-            config = parse_config(request.body.decode("utf-8", "replace"), source="PUT /config")
-        except ConfigError as exc:
-            self.reloads_failed += 1
-            return _errors_response(exc)
-        return await self._apply_response(config)
-
-    async def _post_reload(self, request: AdminRequest) -> AdminResponse:
-        if self.config_path is None:
-            return AdminResponse.json(400, {"errors": [{"path": "", "message": "no config file to re-read"}]})
-        try:
-            config = load_config(self.config_path)
-        except ConfigError as exc:
-            self.reloads_failed += 1
-            return _errors_response(exc)
-        return await self._apply_response(config)
-
-    async def _apply_response(self, config: Config) -> AdminResponse:
-        try:
-            version, changed = await self.apply_config(config)
-        except ConfigError as exc:
-            self.reloads_failed += 1
-            return _errors_response(exc)
-        if changed:
-            self.reloads_ok += 1
-        return AdminResponse.json(200, {"version": version, "changed": changed})
-
     async def reload_from_file(self) -> None:
         """SIGHUP: re-read the config file; a bad one is logged and changes nothing."""
         if self.config_path is None:
@@ -329,7 +205,7 @@ class Supervisor:
         async with self._apply_lock:
             await self._apply_to_worker(slot)
 
-    async def _collect(self) -> Snapshot:
+    async def collect(self) -> Snapshot:
         """Every live worker's telemetry, merged with what finished workers counted."""
         async with self._scrape_lock:
             self._request_ids += 1
@@ -418,32 +294,21 @@ class Supervisor:
                         break
                     log.info("%s: draining (up to %gs)", signal.Signals(signum).name,
                              self.config.drain_timeout)
-                    self._start_drain(exit_after=True)
+                    self.start_drain(exit_after=True)
         self.close_listeners()
         log.info("meshproxy stopped")
         return exit_code
 
-    def _start_drain(self, *, exit_after: bool) -> None:
+    def start_drain(self, *, exit_after: bool) -> None:
         """Drain once; a later request to exit (shutdown after drain) is remembered."""
         self._exit_after_drain = self._exit_after_drain or exit_after
-        if self._drained is not None and self._drained.is_set() and exit_after:
+        if self.drained is not None and self.drained.is_set() and exit_after:
             self._nursery.start_soon(self._exit_soon)
         if not self.draining:
-            self._drained = trio.Event()
+            self.drained = trio.Event()
             self._nursery.start_soon(self._drain)
 
     # -- admin: drain and shutdown ------------------------------------------
-    async def _post_drain(self, request: AdminRequest) -> AdminResponse:
-        """Stop accepting and let open work finish; answers once it has (or the drain timeout)."""
-        self._start_drain(exit_after=False)
-        await self._drained.wait()
-        return AdminResponse.json(200, {"drained": True})
-
-    async def _post_shutdown(self, request: AdminRequest) -> AdminResponse:
-        """Drain, then exit 0. Answers at once; the process exits when the drain is done."""
-        self._start_drain(exit_after=True)
-        return AdminResponse.json(202, {"shutting_down": True})
-
     async def _report_ready(self) -> None:
         for slot in self.slots:
             await slot.ready.wait()
@@ -468,7 +333,7 @@ class Supervisor:
                     await slot.process.wait()
         self._kill_workers()
         log.info("drained")
-        self._drained.set()
+        self.drained.set()
         if self._exit_after_drain:
             await self._exit_soon()
 
@@ -555,22 +420,8 @@ class Supervisor:
                 await process.wait()
 
 
-def _errors_response(exc: ConfigError) -> AdminResponse:
-    errors = [{"path": error.path, "message": error.message} for error in exc.errors]
-    return AdminResponse.json(400, {"errors": errors})
 
 
-def _read_token(path: str | None) -> bytes | None:
-    """The admin bearer token from `admin.token_file` (surrounding whitespace ignored)."""
-    if path is None:
-        return None
-    try:
-        token = open(path, "rb").read().strip()
-    except OSError as exc:
-        raise UsageError(f"admin.token_file: cannot read {path}: {exc.strerror}") from exc
-    if not token:
-        raise UsageError(f"admin.token_file: {path} is empty")
-    return token
 
 
 def _describe_exit(code: int | None) -> str:
