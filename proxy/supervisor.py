@@ -5,6 +5,8 @@ own SO_REUSEPORT socket per listener and the compiled config, restarts a worker
 that dies (with crash-loop backoff), and on SIGTERM/SIGINT drains: readiness
 turns 503, workers stop accepting and finish open connections up to
 `drain_timeout`, then everything exits 0. A second signal exits at once.
+A reload (PUT /config, POST /reload, SIGHUP) is validated here once and applied to
+every worker in place; workers answer telemetry snapshots, merged here for scrapes.
 """
 
 from __future__ import annotations
