@@ -22,8 +22,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("scenario", choices=SCENARIOS, metavar="SCENARIO", help="one listed below")
-    parser.add_argument("--targets", default=",".join(targets.ALL),
-                        help="comma-separated, in run order (default: %(default)s)")
+    parser.add_argument("--targets",
+                        help="comma-separated, in run order (default: "
+                             f"{','.join(targets.DEFAULT)}; the scenario's own for "
+                             "reload-under-load)")
     parser.add_argument("--duration", type=int, default=10, help="measured seconds per run")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per run (0: none)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -43,6 +45,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path,
                         help="results directory (default: bench/results/<timestamp>-<scenario>)")
     args = parser.parse_args(argv)
+    scenario = SCENARIOS[args.scenario]
+    args.targets = args.targets or ",".join(scenario.targets or targets.DEFAULT)
     unknown = set(args.targets.split(",")) - set(targets.ALL)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; known: {', '.join(targets.ALL)}")
@@ -50,6 +54,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--duration, --rounds and --workers must be >= 1, --warmup >= 0")
     if args.loadgen_procs < 1 or args.connections < args.loadgen_procs:
         parser.error("--loadgen-procs must be >= 1 and --connections >= --loadgen-procs")
+    if scenario.needs_rate and args.rate is None:
+        parser.error(f"{args.scenario} needs --rate (open-loop load)")
     if args.rate is not None:
         if args.rate <= 0:
             parser.error("--rate must be > 0")

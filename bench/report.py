@@ -169,6 +169,22 @@ def _notes(scenario: Scenario, skipped: dict[str, str], runs: list[Run], env: di
             "slow target gets fewer requests instead of longer queues. Use --rate for "
             "open-loop latency."
         )
+    reloading: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if "reloads" in run.metrics:
+            reloading[run.target].append(run)
+    for target, target_runs in reloading.items():
+        applied = sum(run.metrics["reloads"] for run in target_runs)
+        failed = sum(run.metrics["reloads_failed"] for run in target_runs)
+        slowest = max(run.metrics.get("reload_put_max_ms", 0.0) for run in target_runs)
+        notes.append(
+            f"Reloads, {target}: a thread of the harness (CPU 0) PUT a changed config to "
+            "meshproxy's admin `/config` every second of the measured window (a second route "
+            "`reload-k` added ahead of the catch-all, k = 1, 2, …); over "
+            f"{len(target_runs)} run(s), {applied:,.0f} applied (200, `changed: true`, a new "
+            f"version) and {failed:,.0f} failed; the slowest PUT took {slowest:.1f} ms. The "
+            "proxy CPU includes the work of applying them."
+        )
     notes += [f"Skipped {name}: {reason}" for name, reason in skipped.items()]
     busy = [
         f"{run.target} r{run.round} {other:.2f}"

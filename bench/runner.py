@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import BenchError, hdr, load, proc, procstat, targets, upstream
+from . import BenchError, hdr, load, proc, procstat, reload, targets, upstream
 from .load import LoadResult
 from .report import Run
 from .scenarios import Scenario
@@ -125,20 +125,48 @@ class _Window:
         return figures
 
 
+class _WithBackground:
+    """The measured window, with the target's background work (e.g. config reloads) started
+    right after it begins and told to stop right before it ends."""
+
+    def __init__(self, window: _Window, background: reload.Background) -> None:
+        self._window, self._background = window, background
+
+    def begin(self) -> None:
+        self._window.begin()
+        self._background.start()
+
+    def end(self) -> None:
+        self._background.signal_stop()
+        self._window.end()
+
+
 def _measure_window(
-    scenario: Scenario, proxy: targets.Proxy, origin_pid: int, options: Options
+    scenario: Scenario, target: targets.Target, proxy: targets.Proxy, origin_pid: int,
+    options: Options,
 ) -> tuple[LoadResult, dict[str, float]]:
     """Apply the load once; return the load result and the CPU/memory figures of its window."""
     pid = proxy.process.pid if proxy.process else None
     window = _Window(pid, origin_pid)
+    background = target.during_window(proxy)
     rss = procstat.PeakRss(pid) if pid else contextlib.nullcontext()
     with rss:
         start = time.monotonic()
-        result = scenario.run_load(proxy.port, options.duration, options.load, window)
+        try:
+            result = scenario.run_load(proxy.port, options.duration, options.load,
+                                       _WithBackground(window, background) if background
+                                       else window)
+        finally:
+            if background:
+                background.stop()
         wall = time.monotonic() - start
     metrics = dict(result.metrics, wall_s=wall, **window.figures(result.work))
     if pid:
         metrics["peak_rss_mib"] = rss.mib
+    if background:
+        metrics.update(background.metrics())
+        for error in background.errors:
+            progress(f"{target.name}: reload failed: {error}")
     return result, metrics
 
 
@@ -156,7 +184,7 @@ def _run_target(
                              out / "logs" / f"{tag}.log", options.proxy_cpu) as proxy:
             if options.warmup:
                 scenario.run_load(proxy.port, options.warmup, options.load)
-            result, metrics = _measure_window(scenario, proxy, origin.pid, options)
+            result, metrics = _measure_window(scenario, target, proxy, origin.pid, options)
             if proxy.process and proxy.process.poll() is not None:
                 code = proxy.process.returncode
                 raise BenchError(f"{target.name} exited during the run (exit code {code})")
@@ -177,6 +205,9 @@ def _run_target(
     if "cost_us" in metrics:
         summary += (f", proxy {metrics['proxy_cores']:.2f} cores, "
                     f"{metrics['cost_us']:,.1f} µs/{scenario.cost_unit}")
+    if "reloads" in metrics:
+        summary += (f", reloads {metrics['reloads']:.0f} applied, "
+                    f"{metrics['reloads_failed']:.0f} failed")
     bad = {k: metrics[k] for k in ("errors", "non_2xx", "unsent") if metrics.get(k)}
     if bad:
         summary += ", " + ", ".join(f"{k} {v:,.0f}" for k, v in bad.items())

@@ -22,6 +22,8 @@ class Scenario:
     columns: tuple[Column, ...]  # further figures from the load tool
     cost_unit: str  # proxy CPU is reported per this unit of work ("req", "MiB")
     open_loop: bool = False  # whether --rate (the open-loop generator) applies
+    needs_rate: bool = False  # open loop only: refuses to run without --rate
+    targets: tuple[str, ...] | None = None  # default --targets (None: targets.DEFAULT)
 
 
 _LATENCY = (
@@ -34,11 +36,17 @@ _LATENCY = (
     Column("non-2xx", "non_2xx", ",.0f"),
 )
 _REQ_S = Column("req/s", "rps", ",.0f")
+_RELOADS = (  # from reload.Reloader, for targets that reload during the window
+    Column("reloads applied", "reloads", ",.0f"),
+    Column("reloads failed", "reloads_failed", ",.0f"),
+    Column("PUT p50 ms", "reload_put_p50_ms", ".1f"),
+    Column("PUT max ms", "reload_put_max_ms", ".1f"),
+)
 _MIB_S = Column("MiB/s", "mibps", ",.0f")
 
 
 def _http(name: str, summary: str, listener: str, request: load.HttpRequest,
-          primary: Column = _REQ_S, extra: tuple[Column, ...] = ()) -> Scenario:
+          primary: Column = _REQ_S, extra: tuple[Column, ...] = (), **more) -> Scenario:
     return Scenario(
         name=name,
         summary=summary,
@@ -49,6 +57,7 @@ def _http(name: str, summary: str, listener: str, request: load.HttpRequest,
         columns=(*extra, *_LATENCY),
         cost_unit="req",
         open_loop=True,
+        **more,
     )
 
 
@@ -83,5 +92,10 @@ ALL: dict[str, Scenario] = {
               "HTTP listener (req/s; MiB/s of request bodies)",
               "http", load.HttpRequest("POST", "/upload", 64 * _KIB, payload=64 * _KIB),
               extra=(_MIB_S,)),
+        _http("reload-under-load",
+              "GET /hello at --rate over 50 kept-alive connections, HTTP listener: meshproxy "
+              "plain and with PUT /config every second (meshproxy+reload)",
+              "http", load.HttpRequest(), extra=_RELOADS, needs_rate=True,
+              targets=("direct", "meshproxy", "meshproxy+reload")),
     )
 }

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc, upstream
+from . import proc, reload, upstream
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Launch:
     argv: list[str]
     config: Path
     ready_url: str | None = None  # polled for 200 on top of the listening check
+    admin_url: str | None = None  # meshproxy's admin plane
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Proxy:
     port: int
     process: subprocess.Popen | None
     config: Path | None
+    admin_url: str | None = None
 
 
 class Target:
@@ -50,6 +52,10 @@ class Target:
     ) -> Launch | None:
         """Write the config for `listener` on `port` forwarding to `upstream_port`."""
         raise NotImplementedError
+
+    def during_window(self, proxy: Proxy) -> reload.Background | None:
+        """What runs beside the load in the measured window (None: nothing)."""
+        return None
 
 
 def _tool(name: str) -> str | None:
@@ -85,6 +91,16 @@ _MESHPROXY_LISTENER = {
     "tcp": "    protocol: tcp\n    cluster: origin",
     "http": "    protocol: http\n    routes:\n      - {name: all, match: {prefix: /}, cluster: origin}",
 }
+
+
+def _reload_variant(config: str, k: int) -> str:
+    """The `k`-th config PUT by `meshproxy+reload`: the launched one plus a second route
+    `reload-k` (prefix /reload-k/, timeout 5s) ahead of the catch-all, so that every PUT
+    changes the route table of the listener carrying the load, but not the route it uses."""
+    catch_all = "      - {name: all, match: {prefix: /}, cluster: origin}"
+    extra = (f"      - {{name: reload-{k}, match: {{prefix: /reload-{k}/}}, cluster: origin, "
+             "timeout: 5s}\n")
+    return config.replace(catch_all, extra + catch_all, 1)
 
 
 class Meshproxy(Target):
@@ -125,7 +141,20 @@ class Meshproxy(Target):
             [*self.command(), "--config", str(config)],
             config,
             ready_url=f"http://{proc.HOST}:{admin}/ready",
+            admin_url=f"http://{proc.HOST}:{admin}",
         )
+
+
+class MeshproxyReload(Meshproxy):
+    """meshproxy with its HTTP listener, plus a thread of the harness (on CPU 0) that PUTs a
+    changed config to `/config` on the admin plane every second of the measured window."""
+
+    name = "meshproxy+reload"
+    listeners = frozenset({"http"})
+
+    def during_window(self, proxy):
+        base = proxy.config.read_text()
+        return reload.Reloader(proxy.admin_url, lambda k: _reload_variant(base, k))
 
 
 class Haproxy(Target):
@@ -234,7 +263,10 @@ class Nginx(Target):
         return Launch(argv, workdir / "nginx.conf")
 
 
-ALL: dict[str, Target] = {t.name: t for t in (Direct(), Meshproxy(), Haproxy(), Socat(), Nginx())}
+ALL: dict[str, Target] = {
+    t.name: t for t in (Direct(), Meshproxy(), Haproxy(), Socat(), Nginx(), MeshproxyReload())
+}
+DEFAULT = ("direct", "meshproxy", "haproxy", "socat", "nginx")  # when a scenario names none
 
 
 def unavailable(target: Target, listener: str) -> str | None:
@@ -257,4 +289,4 @@ def running(
         yield Proxy(upstream_port, None, None)
         return
     with proc.started(launch.argv, cpu, log, port, launch.ready_url) as process:
-        yield Proxy(port, process, launch.config)
+        yield Proxy(port, process, launch.config, launch.admin_url)
