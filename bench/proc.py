@@ -81,10 +81,12 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextmanager
 def started(
-    argv: list[str], cpu: int | None, log: Path, port: int, ready_url: str | None = None
+    argv: list[str], cpu: int | None, log: Path, port: int, ready_url: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen]:
-    """Run `argv` pinned to `cpu` (None: unpinned) in its own process group, output to `log`;
-    yield once it listens on `port` (and `ready_url` answers 200); stop it on exit."""
+    """Run `argv` pinned to `cpu` (None: unpinned) in its own process group, output to `log`,
+    with `env` added to the environment; yield once it listens on `port` (and `ready_url`
+    answers 200); stop it on exit."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             pinned(argv, cpu),
@@ -92,6 +94,7 @@ def started(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
     try:
         deadline = time.monotonic() + _START_TIMEOUT

@@ -27,6 +27,7 @@ class Launch:
     config: Path
     ready_url: str | None = None  # polled for 200 on top of the listening check
     admin_url: str | None = None  # meshproxy's admin plane
+    env: dict[str, str] | None = None  # added to the environment
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ class Target:
         return None
 
 
-def _tool(name: str) -> str | None:
-    return None if shutil.which(name) else f"{name} is not installed (apt-get install -y {name})"
+def _tool(name: str, package: str | None = None) -> str | None:
+    if shutil.which(name):
+        return None
+    return f"{name} is not installed (apt-get install -y {package or name})"
 
 
 class Direct(Target):
@@ -263,8 +266,58 @@ class Nginx(Target):
         return Launch(argv, workdir / "nginx.conf")
 
 
+class Caddy(Target):
+    """Caddy (optional), `reverse_proxy` to the origin, GOMAXPROCS=1 so its Go runtime keeps to
+    the one core it is pinned to; HTTP only. The Caddyfile of perf-anchors.md without h2c, plus
+    `bind`: a site address alone does not restrict the interface, Caddy would listen on all of
+    them (on the IPv6 wildcard, which /proc/net/tcp does not show)."""
+
+    name = "caddy"
+    listeners = frozenset({"http"})
+
+    def missing(self, listener):
+        return _tool("caddy")
+
+    def launch(self, workdir, listener, port, upstream_port, workers):
+        config = workdir / "Caddyfile"
+        config.write_text(
+            "{\n\tadmin off\n\tauto_https off\n}\n\n"
+            f"http://{proc.HOST}:{port} {{\n\tbind {proc.HOST}\n"
+            f"\treverse_proxy {proc.HOST}:{upstream_port}\n}}\n"
+        )
+        argv = ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"]
+        # XDG_*: its autosaved config and its (unused) storage stay in the work directory.
+        env = {"GOMAXPROCS": "1", "XDG_CONFIG_HOME": str(workdir / "xdg-config"),
+               "XDG_DATA_HOME": str(workdir / "xdg-data")}
+        return Launch(argv, config, env=env)
+
+
+class Nghttpx(Target):
+    """nghttpx (optional), one worker: frontend h1/h2c without TLS, HTTP/1.1 backend; HTTP only.
+    An empty --conf so /etc/nghttpx/nghttpx.conf is not read."""
+
+    name = "nghttpx"
+    listeners = frozenset({"http"})
+
+    def missing(self, listener):
+        return _tool("nghttpx", "nghttp2-proxy")
+
+    def launch(self, workdir, listener, port, upstream_port, workers):
+        empty = workdir / "nghttpx.conf"
+        empty.write_text("")
+        argv = [
+            "nghttpx", "-n1", f"-f{proc.HOST},{port};no-tls", f"-b{proc.HOST},{upstream_port}",
+            "--log-level=WARN", f"--conf={empty}",
+        ]
+        config = workdir / "nghttpx.args"  # the whole configuration is on the command line
+        config.write_text(shlex.join(argv) + "\n")
+        return Launch(argv, config)
+
+
 ALL: dict[str, Target] = {
-    t.name: t for t in (Direct(), Meshproxy(), Haproxy(), Socat(), Nginx(), MeshproxyReload())
+    t.name: t
+    for t in (Direct(), Meshproxy(), Haproxy(), Socat(), Nginx(), MeshproxyReload(), Caddy(),
+              Nghttpx())
 }
 DEFAULT = ("direct", "meshproxy", "haproxy", "socat", "nginx")  # when a scenario names none
 
@@ -288,5 +341,5 @@ def running(
     if launch is None:
         yield Proxy(upstream_port, None, None)
         return
-    with proc.started(launch.argv, cpu, log, port, launch.ready_url) as process:
+    with proc.started(launch.argv, cpu, log, port, launch.ready_url, launch.env) as process:
         yield Proxy(port, process, launch.config, launch.admin_url)

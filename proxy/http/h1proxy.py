@@ -463,7 +463,10 @@ class Http1Proxy:
                     response = await self._await_head_counted(fd, up, head, reused, ex, pool)
                 else:
                     # The reply cannot be here yet: yield once, then try, then wait.
-                    await trio.lowlevel.checkpoint()
+                    # The yield skips the cancellation check: the one before the
+                    # client's next request (or any wait) sees cancellation, once
+                    # per request, which is all a drain deadline needs.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     response = self._parsed_response(up, head)
                     if response is None:
                         response = await self._read_response_head(fd, up, head, reused, ex)
