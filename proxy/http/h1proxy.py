@@ -223,10 +223,15 @@ class Http1Proxy:
 
     async def _read_request_head(self, fd: int, buf: RecvBuffer, first: bool) -> RequestHead | None:
         limits = self.limits
-        if not first and not len(buf):
-            # Kept-alive client: its next request is rarely here yet. Yield
-            # once, then try, and only then pay for a wait.
-            await trio.lowlevel.checkpoint()
+        if not first:
+            if not len(buf):
+                # Kept-alive client: its next request is rarely here yet. Yield
+                # once, then try, and only then pay for a wait.
+                await trio.lowlevel.checkpoint()
+            else:
+                # A pipelined request is already here: no yield, but a client that
+                # pipelines without end must still see a drain deadline.
+                await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if len(buf):
                 head = parse_request(buf.data, buf.start, buf.end, limits)
