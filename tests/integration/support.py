@@ -28,10 +28,21 @@ HOST = "127.0.0.1"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing uses now, for a listener the test configures.
+
+    Picked below the kernel's ephemeral range (net.ipv4.ip_local_port_range starts at
+    32768), so an outgoing connection of a running test cannot take it before the
+    proxy binds it, as a port the kernel handed out for `bind(0)` could be.
+    """
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
