@@ -32,13 +32,12 @@ RESPONSE_BUFFER = 65536
 class UpstreamConn:
     """One connection to an endpoint, with the buffer its responses are read into."""
 
-    __slots__ = ("fd", "endpoint", "buffer", "requests", "idle_since")
+    __slots__ = ("buffer", "endpoint", "fd", "idle_since")
 
     def __init__(self, fd: int, endpoint: int) -> None:
         self.fd = fd
         self.endpoint = endpoint
         self.buffer = RecvBuffer(RESPONSE_BUFFER)
-        self.requests = 0
         self.idle_since = 0.0
 
     def close(self) -> None:
@@ -117,10 +116,6 @@ class EndpointPool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
 
 
 class UpstreamCluster:
