@@ -229,7 +229,12 @@ cdef class SplicePump(Pump):
             self.error = 9  # EBADF: pumping after close is a caller bug, fail loudly
             return READ_ERROR
         if self.pipe_r < 0:
-            self._take_pipe()
+            try:
+                self._take_pipe()
+            except OSError as exc:
+                # Out of fds (EMFILE/ENFILE): this connection fails, the worker goes on.
+                self.error = exc.errno or 24
+                return READ_ERROR
         status = self._pump(budget)
         if self.in_pipe == 0:
             self._release_pipe()
@@ -239,7 +244,6 @@ cdef class SplicePump(Pump):
         cdef ssize_t n
         cdef Py_ssize_t moved = 0
         cdef Py_ssize_t want
-        cdef bint drained = False
         while True:
             while self.in_pipe > 0:
                 n = splice(self.pipe_r, NULL, self.dst, NULL, <size_t>self.in_pipe,
@@ -255,11 +259,9 @@ cdef class SplicePump(Pump):
                     return WRITE_ERROR
             if self.src_eof:
                 return EOF
-            if drained and not self.src_closing:
-                # The last read got less than it asked for: the socket is empty.
-                # Skip the read that would only say EAGAIN; new bytes bring a
-                # new readiness event.
-                return WANT_READ
+            # A short splice does not mean the socket is empty (a pipe holds a
+            # limited number of segments): read on until EAGAIN, which is what
+            # edge-triggered readiness needs before it reports anything new.
             if moved >= budget:
                 return BUDGET
             want = self.pipe_size
@@ -274,9 +276,7 @@ cdef class SplicePump(Pump):
                 self.in_pipe += n
                 self.bytes += n
                 moved += n
-                if n < want:
-                    drained = True
-                elif not self.grow_tried:
+                if n == want and not self.grow_tried:
                     self._grow()
             elif n == 0:
                 self.src_eof = True

@@ -127,7 +127,10 @@ class ControlChannel:
         async with self._send_lock:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             while data:
-                sent = await self._socket.sendmsg([data], ancillary)
+                try:
+                    sent = await self._socket.sendmsg([data], ancillary)
+                except OSError as exc:  # the peer is gone (EPIPE, ECONNRESET, closed)
+                    raise trio.BrokenResourceError(str(exc)) from exc
                 data = data[sent:]
                 ancillary = []  # the fds went with the first bytes
 

@@ -144,14 +144,16 @@ class Supervisor:
             self.config_applied = time.time()
             self.listen_sockets = sockets
             version = self.config_version
-            async with trio.open_nursery() as nursery:
-                for slot in self.slots:
-                    if slot.serving:
-                        nursery.start_soon(self._apply_to_worker, slot)
-            # The workers closed their copies as they stopped accepting on them.
-            for socks in retired:
-                for sock in socks:
-                    sock.close()
+            try:
+                async with trio.open_nursery() as nursery:
+                    for slot in self.slots:
+                        if slot.serving:
+                            nursery.start_soon(self._apply_to_worker, slot)
+            finally:
+                # The workers closed their copies as they stopped accepting on them.
+                for socks in retired:
+                    for sock in socks:
+                        sock.close()
             log.info("config version %d applied to %d worker(s)", version, self.worker_count)
             return version, True
 
@@ -367,9 +369,6 @@ class Supervisor:
 
     async def _run_worker(self, slot: WorkerSlot) -> int | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        slot.sockets = {name: socks[slot.index] for name, socks in self.listen_sockets.items()}
-        fds = {name: sock.fileno() for name, sock in slot.sockets.items()}
-        slot.version = self.config_version
         # -P: never put the working directory on sys.path, so a worker started
         # from a source checkout still imports the installed (compiled) package.
         command = [
@@ -378,24 +377,34 @@ class Supervisor:
             "--index", str(slot.index),
             "--log-level", self.log_level,
         ]
+        # Config, version and sockets are taken together and handed over before a
+        # reload can move on: the sockets a new worker inherits stay open until it has
+        # them, and a reload that starts later reaches it (it is tracked from here on).
+        async with self._apply_lock:
+            config = self.config
+            slot.sockets = {name: socks[slot.index] for name, socks in self.listen_sockets.items()}
+            slot.version = self.config_version
+            fds = {name: sock.fileno() for name, sock in slot.sockets.items()}
+            try:
+                process = await trio.lowlevel.open_process(
+                    command, pass_fds=[theirs.fileno(), *fds.values()]
+                )
+            finally:
+                theirs.close()
+            slot.process = process
+            slot.channel = channel = control.ControlChannel(ours)
+            slot.starts += 1
+            log.info("worker %d started (pid %d)", slot.index, process.pid)
+            try:
+                await channel.send(control.Setup(slot.index, config, fds))
+            except trio.BrokenResourceError:
+                pass  # it died at once: wait() below reaps it
         try:
-            process = await trio.lowlevel.open_process(
-                command, pass_fds=[theirs.fileno(), *fds.values()]
-            )
-        finally:
-            theirs.close()
-        slot.process = process
-        slot.channel = channel = control.ControlChannel(ours)
-        slot.starts += 1
-        log.info("worker %d started (pid %d)", slot.index, process.pid)
-        try:
-            await channel.send(control.Setup(slot.index, self.config, fds))
             with trio.move_on_after(READY_TIMEOUT) as scope:
                 message = await channel.receive()
             if isinstance(message, control.Ready):
                 slot.ready.set()
                 slot.serving = True
-
             elif scope.cancelled_caught:
                 log.error("worker %d not ready after %gs: killing it", slot.index, READY_TIMEOUT)
                 process.kill()

@@ -247,14 +247,20 @@ class Http1Proxy:
                 # The parser refuses heads over the limits before this size.
                 buf.grow(self.max_head)
                 continue
-            if self.draining and not len(buf):
-                return None
-            with trio.move_on_after(self.idle_timeout) as scope:
-                self._idle_waits.add(scope)
-                try:
+            if first:
+                # A new connection's first request may still be on its way: it is
+                # served even while draining (up to the drain deadline).
+                with trio.move_on_after(self.idle_timeout) as scope:
                     await trio.lowlevel.wait_readable(fd)
-                finally:
-                    self._idle_waits.discard(scope)
+            else:
+                if self.draining and not len(buf):
+                    return None
+                with trio.move_on_after(self.idle_timeout) as scope:
+                    self._idle_waits.add(scope)
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    finally:
+                        self._idle_waits.discard(scope)
             if scope.cancelled_caught:
                 return None
 
@@ -310,6 +316,8 @@ class Http1Proxy:
             await self._reply(fd, local_reply(404, "no_route", request_id=request_id))
             return True
         cluster = self.clusters[self.routes.pick_cluster(route, random.random())]
+        # Looked up now: a reload during the request may drop the route's name.
+        route_stats = self.route_stats[route.name]
 
         forwarded_for = head.get(b"x-forwarded-for")
         if forwarded_for is not None:
@@ -334,7 +342,7 @@ class Http1Proxy:
             try:
                 request += body.take_buffered(buf)
             except ProtocolError as exc:
-                record_request(self.route_stats[route.name], cluster.stats, None, exc.status, exc.code,
+                record_request(route_stats, cluster.stats, None, exc.status, exc.code,
                                monotonic() - started, None)
                 return await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
         else:
@@ -350,7 +358,7 @@ class Http1Proxy:
             endpoint = ex.endpoint
             if endpoint is not None:
                 endpoint.active -= 1
-            record_request(self.route_stats[route.name], cluster.stats, endpoint, ex.status, ex.error,
+            record_request(route_stats, cluster.stats, endpoint, ex.status, ex.error,
                            monotonic() - started, ex.upstream_time)
 
     async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange) -> bool:
@@ -364,11 +372,11 @@ class Http1Proxy:
             # response. Failures are caught inside the nursery, so they arrive
             # here as themselves rather than wrapped in an exception group.
             keep = False
-            failure: _UpstreamFailed | None = None
+            failure: _UpstreamFailed | _ClientGone | OSError | None = None
             async with trio.open_nursery() as nursery:
                 try:
                     keep = await self._proxy(fd, buf, ex, nursery)
-                except _UpstreamFailed as exc:
+                except (_UpstreamFailed, _ClientGone, OSError) as exc:
                     failure = exc
                 if not body.complete:
                     # The upstream answered (or failed) before the whole body
@@ -407,11 +415,15 @@ class Http1Proxy:
             ex.responded = True
             ex.status = response.status
             if ex.tunnel and _switches_protocol(head, response):
-                await self._tunnel(fd, buf, up, response)
+                try:
+                    await self._tunnel(fd, buf, up, response)
+                finally:
+                    pool.discard(up)  # a tunnelled connection is never pooled
                 return False
             client_keep = await self._forward_response(fd, head, response, up, ex.body.complete)
         except BaseException:
-            pool.discard(up)
+            if up.fd >= 0:
+                pool.discard(up)
             raise
         # Only now, with the response fully written to the client, may the
         # upstream connection serve another request.
