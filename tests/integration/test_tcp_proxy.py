@@ -141,6 +141,31 @@ def test_sixteen_bulk_transfers_at_once_are_byte_exact(meshproxy, upstreams, spl
         assert server_side.result(timeout=60) == (size, up_hash)
 
 
+@SPLICE
+def test_many_small_segments_then_silence_are_all_delivered(meshproxy, upstreams, splice):
+    """A client that pipelines many tiny writes and then waits (a database pipeline): the
+    proxy must pass every byte on without more data arriving to wake it. One splice into a
+    pipe can take fewer segments than the socket holds, so a short splice is no sign that
+    the socket is empty."""
+    acceptor = upstreams.acceptor(timeout=5)
+    proxy = meshproxy(tcp_config([endpoint(acceptor.address)], splice=splice))
+    client = connect(proxy.address(), timeout=5)
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server = acceptor.accept()
+    (worker,) = proxy.worker_pids()
+    for round_ in range(3):
+        writes = [pattern(50, seed=round_ * 1000 + i) for i in range(400)]
+        # All segments queue up before the proxy looks: one wake-up must take them all.
+        with stopped(worker):
+            for piece in writes:
+                client.send(piece)
+            time.sleep(0.05)
+        expected = b"".join(writes)
+        assert recv_exactly(server, len(expected)) == expected  # recv_exactly times out on a stall
+        server.sendall(b"ok")
+        assert recv_exactly(client, 2) == b"ok"
+
+
 # -- half-close ------------------------------------------------------------------------------
 
 
