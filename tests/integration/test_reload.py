@@ -216,3 +216,28 @@ def test_a_streaming_response_started_before_a_reload_finishes_on_the_old_config
         client.close()
     finally:
         streamer.close()
+
+
+def test_a_request_in_flight_survives_a_reload_that_removes_its_route(meshproxy, origins):
+    slow = TinyOrigin(b"slow", delay=1.0)
+    try:
+        port = free_port()
+        config = make_config(origins, port, 1)
+        config["clusters"].append({"name": "slowpoke", "endpoints": [slow.endpoint]})
+        config["listeners"][0]["routes"].insert(0, {"name": "slow", "match": {"prefix": "/slow"},
+                                                    "cluster": "slowpoke"})
+        proxy = meshproxy({**config, "workers": 1})
+        (worker,) = proxy.worker_pids()
+        result: list[tuple[int, bytes]] = []
+        thread = threading.Thread(target=lambda: result.append(get(port, "/slow/x")))
+        thread.start()
+        time.sleep(0.3)  # the request waits at the origin
+        assert put(proxy, {**make_config(origins, port, 2), "workers": 1})[0] == 200
+        thread.join(10)
+        assert result == [(200, b"slow")]
+        assert get(port, "/slow/x")[0] == 404
+        time.sleep(0.3)
+        assert proxy.worker_pids() == [worker], proxy.log()[-3000:]  # the worker did not die
+        assert "Traceback" not in proxy.log()
+    finally:
+        slow.close()
