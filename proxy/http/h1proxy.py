@@ -457,7 +457,7 @@ class Http1Proxy:
                     tried.append(pool.index)
                     if len(tried) < min(len(cluster.pools), MAX_CONNECT_ATTEMPTS):
                         continue
-                    raise _UpstreamFailed(502, exc.code) from exc
+                    raise _UpstreamFailed(exc.status, exc.code) from exc
                 if up is None:
                     raise _UpstreamFailed(504, "upstream_timeout")
             try:
