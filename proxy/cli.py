@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import Address, ConfigError, load_config
+from .config.model import parse_duration
 from .errors import UsageError
 from .logs import LEVELS, setup_logging
 
-COMMANDS = ("run", "check", "demo-upstream")
+COMMANDS = ("run", "check", "demo-upstream", "ca")
 
 
 def _address(text: str) -> Address:
@@ -22,6 +24,13 @@ def _address(text: str) -> Address:
     if not sep or not port.isdigit() or not host:
         raise argparse.ArgumentTypeError(f"must be host:port, got {text!r}")
     return Address(host.strip("[]"), int(port))
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     upstream.add_argument("--name", default="demo-upstream", help="name it answers with")
     upstream.add_argument("--log-level", choices=LEVELS, default="info")
 
-    for sub in (run, check, upstream):
+    ca = commands.add_parser("ca", help="run the certificate authority that issues sidecar identities")
+    ca.set_defaults(log_level="info")
+    ca_commands = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
+    ca_init = ca_commands.add_parser("init", help="create a root and an intermediate CA in a new directory")
+    ca_init.add_argument("--dir", required=True, type=Path, help="CA directory to create (mode 0700)")
+    ca_init.add_argument("--trust-domain", required=True, metavar="DOMAIN",
+                         help="SPIFFE trust domain, e.g. mesh.local")
+    ca_token = ca_commands.add_parser("token", help="mint a bootstrap token for one identity; prints it alone")
+    ca_token.add_argument("--dir", required=True, type=Path, help="CA directory")
+    ca_token.add_argument("--identity", required=True, metavar="SPIFFE_ID",
+                          help="e.g. spiffe://mesh.local/ns/default/sa/web")
+    ca_token.add_argument("--ttl", type=_duration, default=3600.0, metavar="DURATION",
+                          help="how long the token stays valid (default 1h)")
+    ca_token.add_argument("--uses", type=int, default=1, help="how many certificates it can get (default 1)")
+    ca_serve = ca_commands.add_parser("serve", help="serve the signing API over HTTPS")
+    ca_serve.add_argument("--dir", required=True, type=Path, help="CA directory")
+    ca_serve.add_argument("--address", type=_address, default=Address("127.0.0.1", 15012),
+                          help="host:port to listen on (default 127.0.0.1:15012)")
+    ca_serve.add_argument("--log-level", choices=LEVELS, default="info")
+
+    for sub in (run, check, upstream, ca, ca_init, ca_token, ca_serve):
         sub.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     return parser
 
@@ -95,6 +124,16 @@ def main(argv: list[str] | None = None) -> None:
                 trio.run(serve, args.address, args.name)
             except KeyboardInterrupt:
                 pass
+            raise SystemExit(0)
+        if args.command == "ca":
+            from .ca import commands as ca
+
+            if args.ca_command == "init":
+                ca.init(args.dir, args.trust_domain)
+            elif args.ca_command == "token":
+                print(ca.token(args.dir, args.identity, args.ttl, args.uses))
+            else:
+                ca.serve(args.dir, args.address)
             raise SystemExit(0)
     except UsageError as exc:
         logging.getLogger("meshproxy").error("%s", exc)
