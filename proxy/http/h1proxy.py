@@ -210,7 +210,19 @@ class Http1Proxy:
         first = True
         while True:
             try:
-                head = await self._read_request_head(fd, buf, first)
+                if first:
+                    pass  # a new connection's first request is likely here: try first
+                elif not len(buf):
+                    # Kept-alive client: its next request is rarely here yet. Yield
+                    # once, then try, and only then pay for a wait.
+                    await trio.lowlevel.checkpoint()
+                else:
+                    # A pipelined request is already here: no yield, but a client that
+                    # pipelines without end must still see a drain deadline.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                head = self._request_head_now(fd, buf)
+                if head is None:
+                    head = await self._read_request_head(fd, buf, first)
             except ProtocolError as exc:
                 record_request(self.route_stats[UNROUTED], None, None, exc.status, exc.code, 0.0, None)
                 await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
@@ -221,17 +233,22 @@ class Http1Proxy:
             if not await self._exchange(fd, buf, head, peer):
                 return
 
+    def _request_head_now(self, fd: int, buf: RecvBuffer) -> RequestHead | None:
+        """The next request head if it is buffered or one recv brings it whole, else None.
+
+        Nothing is lost on None: `_read_request_head` goes on from the same buffer.
+        """
+        if not len(buf) and buf.recv(fd) <= 0:
+            return None
+        head = parse_request(buf.data, buf.start, buf.end, self.limits)
+        if head is not None:
+            buf.consume(head.size)
+        return head
+
     async def _read_request_head(self, fd: int, buf: RecvBuffer, first: bool) -> RequestHead | None:
+        """Read until a whole request head is buffered, waiting as needed; None when the
+        client closes (or idles out, or the listener drains) before one arrives."""
         limits = self.limits
-        if not first:
-            if not len(buf):
-                # Kept-alive client: its next request is rarely here yet. Yield
-                # once, then try, and only then pay for a wait.
-                await trio.lowlevel.checkpoint()
-            else:
-                # A pipelined request is already here: no yield, but a client that
-                # pipelines without end must still see a drain deadline.
-                await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if len(buf):
                 head = parse_request(buf.data, buf.start, buf.end, limits)
@@ -353,6 +370,13 @@ class Http1Proxy:
                        key=cluster.hash_key(head.get, peer) if cluster.hash_on is not None else None,
                        request_id=request_id)
         try:
+            if body is _NO_BODY and not tunnel and not cluster.load_aware:
+                pool = cluster.pick((), ex.key)
+                up = pool.take_idle()
+                if up is not None:
+                    return await self._exchange_pooled(fd, buf, ex, pool, up)
+                # None idle: the slow path opens one to the endpoint picked.
+                return await self._run_exchange(fd, buf, ex, pool, fresh_only=True)
             return await self._run_exchange(fd, buf, ex)
         finally:
             endpoint = ex.endpoint
@@ -361,13 +385,93 @@ class Http1Proxy:
             record_request(route_stats, cluster.stats, endpoint, ex.status, ex.error,
                            monotonic() - started, ex.upstream_time)
 
-    async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange) -> bool:
-        head, body = ex.head, ex.body
+    async def _exchange_pooled(self, fd: int, buf: RecvBuffer, ex: _Exchange, pool: EndpointPool,
+                               up: UpstreamConn) -> bool:
+        """The common case, a request without a body on a kept-alive upstream connection,
+        straight through: every coroutine nested under a task makes each of its
+        yields dearer, so the steps the slow path spreads over helpers are inline here.
+        Anything unusual goes on in those helpers from where this stopped.
+        """
+        head = ex.head
+        request = ex.request
+        ex.endpoint = pool.stats
+        pool.stats.active += 1
+        try:
+            try:
+                sent = send_from(up.fd, request, 0)
+                if sent != len(request):
+                    await _send_all(up.fd, request, offset=max(sent, 0))
+            except OSError as exc:
+                raise _UpstreamFailed(502, "upstream_reset", retriable=True) from exc
+            sent_at = monotonic()
+            # The reply cannot be here yet: yield once, then try, then wait. The
+            # yield skips the cancellation check: the one before the client's next
+            # request (or any wait) sees cancellation, once per request, which is
+            # all a drain deadline needs.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            response = self._parsed_response(up, head)
+            if response is None:
+                response = await self._read_response_head(fd, up, head, True, ex)
+            ex.upstream_time = monotonic() - sent_at
+        except _UpstreamFailed as exc:
+            pool.discard(up)
+            if exc.retriable and head.method in IDEMPOTENT:
+                ex.cluster.stats.retries += 1
+                ex.retried = True
+                return await self._run_exchange(fd, buf, ex, fresh_only=True)
+            return await self._fail(fd, ex, exc)
+        except BaseException:
+            pool.discard(up)
+            raise
+
+        ex.responded = True
+        ex.status = response.status
+        try:
+            kind = response.body
+            length = response.content_length
+            upbuf = up.buffer
+            if kind == BODY_NONE or (kind == BODY_LENGTH and len(upbuf) >= length):
+                # The whole response is here: one write.
+                client_keep = head.keep_alive and not self.draining
+                out = response.serialize(b"" if client_keep and head.version == 11
+                                         else b"connection: keep-alive\r\n" if client_keep
+                                         else b"connection: close\r\n")
+                if kind == BODY_LENGTH and length:
+                    out += upbuf.take(length)
+                sent = send_from(fd, out, 0)
+                if sent != len(out):
+                    await self._reply(fd, out[max(sent, 0):])
+            else:
+                client_keep = await self._forward_response(fd, head, response, up, True)
+        except _UpstreamFailed as exc:
+            pool.discard(up)
+            ex.responded = False  # nothing went to the client: it still gets a reply
+            return await self._fail(fd, ex, exc)
+        except BaseException:
+            if up.fd >= 0:
+                pool.discard(up)
+            raise
+        # Only now, with the response fully written to the client, may the
+        # upstream connection serve another request.
+        if response.keep_alive:
+            pool.give_back(up)
+        else:
+            pool.discard(up)
+        return client_keep
+
+    async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange,
+                            pool: EndpointPool | None = None, *, fresh_only: bool = False) -> bool:
+        """Proxy one request the general way (bodies that stream, tunnels, retries).
+
+        `pool` is the endpoint already picked, if any; `fresh_only`: do not take a pooled
+        connection (none was idle, or the one taken turned out dead).
+        """
+        body = ex.body
         try:
             if body.complete:
                 # The common case needs no second task and no cancel scope:
                 # timeouts apply where the driver actually waits.
-                return await self._proxy(fd, buf, ex, None)
+                return await self._proxy(fd, buf, ex, None, pool, fresh_only)
             # The body streams in a second task while this one awaits the
             # response. Failures are caught inside the nursery, so they arrive
             # here as themselves rather than wrapped in an exception group.
@@ -375,7 +479,7 @@ class Http1Proxy:
             failure: _UpstreamFailed | _ClientGone | OSError | None = None
             async with trio.open_nursery() as nursery:
                 try:
-                    keep = await self._proxy(fd, buf, ex, nursery)
+                    keep = await self._proxy(fd, buf, ex, nursery, pool, fresh_only)
                 except (_UpstreamFailed, _ClientGone, OSError) as exc:
                     failure = exc
                 if not body.complete:
@@ -399,18 +503,22 @@ class Http1Proxy:
                                                                    close=True))
             return keep
         except _UpstreamFailed as exc:
-            # Raised only before any response byte went to the client, so it
-            # still gets a reply (then the connection closes: whatever of the
-            # request body is still coming has nowhere to go).
-            log.info("%s: %s %s -> %d %s", self.listener.name, head.method.decode("latin-1"),
-                     head.path[:200].decode("latin-1"), exc.status, exc.code)
-            ex.status, ex.error = exc.status, exc.code
-            return await self._reply_and_close(
-                fd, local_reply(exc.status, exc.code, close=True, request_id=ex.request_id))
+            return await self._fail(fd, ex, exc)
 
-    async def _proxy(self, fd: int, buf: RecvBuffer, ex: _Exchange, nursery: trio.Nursery | None) -> bool:
+    async def _fail(self, fd: int, ex: _Exchange, exc: _UpstreamFailed) -> bool:
+        """Answer a request whose upstream failed before any response byte went to the
+        client; then close (whatever of the request body is still coming has nowhere to go)."""
         head = ex.head
-        up, pool, response = await self._send_and_await_head(fd, buf, ex, nursery)
+        log.info("%s: %s %s -> %d %s", self.listener.name, head.method.decode("latin-1"),
+                 head.path[:200].decode("latin-1"), exc.status, exc.code)
+        ex.status, ex.error = exc.status, exc.code
+        return await self._reply_and_close(
+            fd, local_reply(exc.status, exc.code, close=True, request_id=ex.request_id))
+
+    async def _proxy(self, fd: int, buf: RecvBuffer, ex: _Exchange, nursery: trio.Nursery | None,
+                     picked: EndpointPool | None, fresh_only: bool) -> bool:
+        head = ex.head
+        up, pool, response = await self._send_and_await_head(fd, buf, ex, nursery, picked, fresh_only)
         try:
             ex.responded = True
             ex.status = response.status
@@ -434,7 +542,8 @@ class Http1Proxy:
         return client_keep
 
     async def _send_and_await_head(self, fd: int, buf: RecvBuffer, ex: _Exchange,
-                                   nursery: trio.Nursery | None
+                                   nursery: trio.Nursery | None, picked: EndpointPool | None,
+                                   fresh_only: bool
                                    ) -> tuple[UpstreamConn, EndpointPool, ResponseHead]:
         """Connect (or reuse), send the request, return the response head.
 
@@ -443,10 +552,12 @@ class Http1Proxy:
         """
         head, cluster, request, body = ex.head, ex.cluster, ex.request, ex.body
         tried: list[int] = []
-        fresh_only = False
-        replayable = body.complete and head.method in IDEMPOTENT
+        replayable = body.complete and head.method in IDEMPOTENT and not ex.retried
         while True:
-            pool = cluster.pick(tried, ex.key)
+            if picked is not None:
+                pool, picked = picked, None
+            else:
+                pool = cluster.pick(tried, ex.key)
             up = None if fresh_only else pool.take_idle()
             reused = up is not None
             if up is None:
@@ -490,8 +601,10 @@ class Http1Proxy:
                 ex.upstream_time = monotonic() - sent_at
             except _UpstreamFailed as exc:
                 pool.discard(up)
-                if exc.retriable and replayable and not fresh_only:
+                if exc.retriable and replayable:
                     cluster.stats.retries += 1
+                    ex.retried = True
+                    replayable = False
                     fresh_only = True
                     continue
                 raise
@@ -710,7 +823,7 @@ class Http1Proxy:
 class _RequestBody:
     """Where a request body stands: buffered with the head, or still streaming."""
 
-    __slots__ = ("scanner", "remaining", "complete", "failure")
+    __slots__ = ("complete", "failure", "remaining", "scanner")
 
     def __init__(self, head: RequestHead, limits: Limits) -> None:
         self.scanner = ChunkedScanner(limits) if head.chunked else None
@@ -735,8 +848,23 @@ class _RequestBody:
 class _Exchange:
     """One request on its way upstream: what `_proxy` needs to carry it through."""
 
-    __slots__ = ("head", "cluster", "request", "body", "tunnel", "timeout", "_deadline", "key", "responded",
-                 "request_id", "status", "error", "endpoint", "upstream_time")
+    __slots__ = (
+        "_deadline",
+        "body",
+        "cluster",
+        "endpoint",
+        "error",
+        "head",
+        "key",
+        "request",
+        "request_id",
+        "responded",
+        "retried",
+        "status",
+        "timeout",
+        "tunnel",
+        "upstream_time",
+    )
 
     def __init__(self, head: RequestHead, cluster: UpstreamCluster, request: bytes,
                  body: _RequestBody | _NoBody, tunnel: bool, *, timeout: float, key: bytes | None,
@@ -750,6 +878,7 @@ class _Exchange:
         self._deadline: float | None = None
         self.key = key  # what a hashing balancer hashes, if the cluster hashes
         self.responded = False  # response bytes went to the client: no local reply now
+        self.retried = False  # sent again on a fresh connection: never a second time
         self.request_id = request_id
         # What the request counts as when it ends (telemetry):
         self.status = 0  # the status the client got (0: none)
