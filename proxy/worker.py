@@ -19,11 +19,11 @@ import trio
 
 from . import control
 from ._core import sockops
+from ._core.splice import RelayEngine
 from .config import Config, Listener
+from .http.h1proxy import Http1Proxy
 from .logs import LEVELS, setup_logging
 from .net.accept import accept_loop
-from ._core.splice import RelayEngine
-from .http.h1proxy import Http1Proxy
 from .net.tcp_proxy import TcpProxy, run_engine
 from .telemetry import WorkerStats
 from .upstream import UpstreamCluster

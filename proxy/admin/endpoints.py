@@ -8,13 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..config import Config, ConfigError, config_to_dict, load_config, parse_config
 from ..errors import UsageError
 from ..telemetry import (
     CONTENT_TYPE as METRICS_CONTENT_TYPE,
+)
+from ..telemetry import (
     SupervisorStats,
     hgrm,
     latency_json,
@@ -57,7 +59,7 @@ class AdminEndpoints:
     async def _get_config(self, request: AdminRequest) -> AdminResponse:
         body = config_to_dict(self.sup.config)
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        applied = datetime.fromtimestamp(self.sup.config_applied, timezone.utc).isoformat()
+        applied = datetime.fromtimestamp(self.sup.config_applied, UTC).isoformat()
         return AdminResponse.json(200, {"version": self.sup.config_version, "sha256": digest,
                                         "applied_at": applied, "config": body})
 
@@ -171,7 +173,8 @@ def read_token(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
-        token = open(path, "rb").read().strip()
+        with open(path, "rb") as file:
+            token = file.read().strip()
     except OSError as exc:
         raise UsageError(f"admin.token_file: cannot read {path}: {exc.strerror}") from exc
     if not token:

@@ -50,6 +50,7 @@ from .._core.splice import (
 )
 from ..config import HttpLimits, Listener
 from ..errors import UpstreamConnectError
+from ..net.sched import yield_now
 from ..net.tcp_proxy import relay_until_done
 from ..route import RouteTable
 from ..telemetry import UNROUTED, EndpointStats, ListenerStats, record_request
@@ -208,14 +209,20 @@ class Http1Proxy:
         buf = RecvBuffer(CLIENT_BUFFER)
         peer = sockops.peer_ip(fd).encode()
         first = True
+        served = 0
         while True:
             try:
                 if first:
                     pass  # a new connection's first request is likely here: try first
                 elif not len(buf):
                     # Kept-alive client: its next request is rarely here yet. Yield
-                    # once, then try, and only then pay for a wait.
-                    await trio.lowlevel.checkpoint()
+                    # once, then try, and only then pay for a wait. The yield is no
+                    # cancel point; every wait is, and so is every 64th request here
+                    # (a drain ends a busy connection by its flag, not by cancelling).
+                    await yield_now()
+                    served += 1
+                    if not served & 63:
+                        await trio.lowlevel.checkpoint_if_cancelled()
                 else:
                     # A pipelined request is already here: no yield, but a client that
                     # pipelines without end must still see a drain deadline.
@@ -373,91 +380,86 @@ class Http1Proxy:
             if body is _NO_BODY and not tunnel and not cluster.load_aware:
                 pool = cluster.pick((), ex.key)
                 up = pool.take_idle()
-                if up is not None:
-                    return await self._exchange_pooled(fd, buf, ex, pool, up)
-                # None idle: the slow path opens one to the endpoint picked.
-                return await self._run_exchange(fd, buf, ex, pool, fresh_only=True)
-            return await self._run_exchange(fd, buf, ex)
+                if up is None:
+                    # None idle: the slow path opens one to the endpoint picked.
+                    return await self._run_exchange(fd, buf, ex, pool, fresh_only=True)
+            else:
+                return await self._run_exchange(fd, buf, ex)
+
+            # The common case, a request without a body on a kept-alive upstream
+            # connection, goes straight through here: each coroutine between a task
+            # and the scheduler makes every yield dearer, so the steps the general
+            # path spreads over helpers are inline. Anything unusual goes on in
+            # those helpers from where this stopped.
+            ex.endpoint = pool.stats
+            pool.stats.active += 1
+            try:
+                try:
+                    sent = send_from(up.fd, request, 0)
+                    if sent != len(request):
+                        await _send_all(up.fd, request, offset=max(sent, 0))
+                except OSError as exc:
+                    raise _UpstreamFailed(502, "upstream_reset", retriable=True) from exc
+                sent_at = monotonic()
+                # The reply cannot be here yet: yield once, then try, then wait.
+                # The yield is no cancel point: the wait is, and so is the one
+                # before the client's next request.
+                await yield_now()
+                response = self._parsed_response(up, head)
+                if response is None:
+                    response = await self._read_response_head(fd, up, head, True, ex)
+                ex.upstream_time = monotonic() - sent_at
+            except _UpstreamFailed as exc:
+                pool.discard(up)
+                if exc.retriable and head.method in IDEMPOTENT:
+                    cluster.stats.retries += 1
+                    ex.retried = True
+                    return await self._run_exchange(fd, buf, ex, fresh_only=True)
+                return await self._fail(fd, ex, exc)
+            except BaseException:
+                pool.discard(up)
+                raise
+
+            ex.responded = True
+            ex.status = response.status
+            try:
+                kind = response.body
+                length = response.content_length
+                upbuf = up.buffer
+                if kind == BODY_NONE or (kind == BODY_LENGTH and len(upbuf) >= length):
+                    # The whole response is here: one write.
+                    client_keep = head.keep_alive and not self.draining
+                    out = response.serialize(b"" if client_keep and head.version == 11
+                                             else b"connection: keep-alive\r\n" if client_keep
+                                             else b"connection: close\r\n")
+                    if kind == BODY_LENGTH and length:
+                        out += upbuf.take(length)
+                    sent = send_from(fd, out, 0)
+                    if sent != len(out):
+                        await self._reply(fd, out[max(sent, 0):])
+                else:
+                    client_keep = await self._forward_response(fd, head, response, up, True)
+            except _UpstreamFailed as exc:
+                pool.discard(up)
+                ex.responded = False  # nothing went to the client: it still gets a reply
+                return await self._fail(fd, ex, exc)
+            except BaseException:
+                if up.fd >= 0:
+                    pool.discard(up)
+                raise
+            # Only now, with the response fully written to the client, may the
+            # upstream connection serve another request.
+            if response.keep_alive:
+                pool.give_back(up)
+            else:
+                pool.discard(up)
+            return client_keep
         finally:
             endpoint = ex.endpoint
             if endpoint is not None:
                 endpoint.active -= 1
             record_request(route_stats, cluster.stats, endpoint, ex.status, ex.error,
                            monotonic() - started, ex.upstream_time)
-
-    async def _exchange_pooled(self, fd: int, buf: RecvBuffer, ex: _Exchange, pool: EndpointPool,
-                               up: UpstreamConn) -> bool:
-        """The common case, a request without a body on a kept-alive upstream connection,
-        straight through: every coroutine nested under a task makes each of its
-        yields dearer, so the steps the slow path spreads over helpers are inline here.
-        Anything unusual goes on in those helpers from where this stopped.
-        """
-        head = ex.head
-        request = ex.request
-        ex.endpoint = pool.stats
-        pool.stats.active += 1
-        try:
-            try:
-                sent = send_from(up.fd, request, 0)
-                if sent != len(request):
-                    await _send_all(up.fd, request, offset=max(sent, 0))
-            except OSError as exc:
-                raise _UpstreamFailed(502, "upstream_reset", retriable=True) from exc
-            sent_at = monotonic()
-            # The reply cannot be here yet: yield once, then try, then wait. The
-            # yield skips the cancellation check: the one before the client's next
-            # request (or any wait) sees cancellation, once per request, which is
-            # all a drain deadline needs.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            response = self._parsed_response(up, head)
-            if response is None:
-                response = await self._read_response_head(fd, up, head, True, ex)
-            ex.upstream_time = monotonic() - sent_at
-        except _UpstreamFailed as exc:
-            pool.discard(up)
-            if exc.retriable and head.method in IDEMPOTENT:
-                ex.cluster.stats.retries += 1
-                ex.retried = True
-                return await self._run_exchange(fd, buf, ex, fresh_only=True)
-            return await self._fail(fd, ex, exc)
-        except BaseException:
-            pool.discard(up)
-            raise
-
-        ex.responded = True
-        ex.status = response.status
-        try:
-            kind = response.body
-            length = response.content_length
-            upbuf = up.buffer
-            if kind == BODY_NONE or (kind == BODY_LENGTH and len(upbuf) >= length):
-                # The whole response is here: one write.
-                client_keep = head.keep_alive and not self.draining
-                out = response.serialize(b"" if client_keep and head.version == 11
-                                         else b"connection: keep-alive\r\n" if client_keep
-                                         else b"connection: close\r\n")
-                if kind == BODY_LENGTH and length:
-                    out += upbuf.take(length)
-                sent = send_from(fd, out, 0)
-                if sent != len(out):
-                    await self._reply(fd, out[max(sent, 0):])
-            else:
-                client_keep = await self._forward_response(fd, head, response, up, True)
-        except _UpstreamFailed as exc:
-            pool.discard(up)
-            ex.responded = False  # nothing went to the client: it still gets a reply
-            return await self._fail(fd, ex, exc)
-        except BaseException:
-            if up.fd >= 0:
-                pool.discard(up)
-            raise
-        # Only now, with the response fully written to the client, may the
-        # upstream connection serve another request.
-        if response.keep_alive:
-            pool.give_back(up)
-        else:
-            pool.discard(up)
-        return client_keep
 
     async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange,
                             pool: EndpointPool | None = None, *, fresh_only: bool = False) -> bool:
@@ -591,10 +593,7 @@ class Http1Proxy:
                     response = await self._await_head_counted(fd, up, head, reused, ex, pool)
                 else:
                     # The reply cannot be here yet: yield once, then try, then wait.
-                    # The yield skips the cancellation check: the one before the
-                    # client's next request (or any wait) sees cancellation, once
-                    # per request, which is all a drain deadline needs.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    await yield_now()
                     response = self._parsed_response(up, head)
                     if response is None:
                         response = await self._read_response_head(fd, up, head, reused, ex)

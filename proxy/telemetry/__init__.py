@@ -4,6 +4,7 @@ Pure: no trio, no sockets. Workers record into `WorkerStats` and answer snapshot
 supervisor keeps `Totals` over worker restarts and renders /metrics and /stats/latency.
 """
 
+from .._core.tally import record_request  # in C: the per-request cost
 from .latency import Histograms, LatencyWindow, hgrm, latency_json, select
 from .process import ProcessUsage, read_process_usage
 from .prometheus import CONTENT_TYPE, SupervisorStats, render_metrics
@@ -16,7 +17,6 @@ from .stats import (
     RouteStats,
     WorkerStats,
     record_connect_failure,
-    record_request,
 )
 
 __all__ = [

@@ -43,7 +43,7 @@ def clamp(us: int) -> int:
 def index_of(us: int) -> int:
     """HdrHistogram's counts index for a value in µs (clamped into the tracked range).
 
-    `stats.record_request` inlines this arithmetic; keep the two in step.
+    `record_request` (_core/tally.pyx) does this arithmetic in C; a test keeps the two in step.
     """
     us = clamp(us)
     bucket = (us | SUB_BUCKET_MASK).bit_length() - HALF_COUNT_MAGNITUDE - 1

@@ -17,9 +17,9 @@ import pytest
 
 import proxy
 
-PURE_PACKAGES = ["config", "cluster", "route", "telemetry"]
+PURE_PACKAGES = ["config", "cluster", "policy", "route", "telemetry"]
 PURE_FILES = ["errors.py"]
-PURE_CORES = ["lb"]
+PURE_CORES = ["lb", "tally"]
 IO_MODULES = ("trio", "socket", "select", "selectors", "asyncio")
 
 
@@ -62,7 +62,9 @@ def test_pure_source_imports_no_io(path):
     assert not bad, f"{path.name} imports {sorted(bad)}"
 
 
-@pytest.mark.parametrize("module", ["proxy.config", "proxy.cluster", "proxy.route", "proxy.telemetry", "proxy.errors"])
+@pytest.mark.parametrize(
+    "module", ["proxy.config", "proxy.cluster", "proxy.policy", "proxy.route", "proxy.telemetry", "proxy.errors"]
+)
 def test_importing_a_pure_module_loads_no_trio(module):
     allowed = ["proxy._core"] + [f"proxy._core.{name}" for name in PURE_CORES]
     code = (

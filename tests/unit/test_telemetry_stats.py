@@ -8,6 +8,7 @@ import random
 import pytest
 from hdrh.histogram import HdrHistogram
 
+from proxy._core.tally import index_of_seconds
 from proxy.config import parse_config
 from proxy.telemetry import (
     UNROUTED,
@@ -315,3 +316,15 @@ def test_totals_leave_out_names_no_worker_has_any_more():
 
     totals.exited(0)  # no worker left: whatever was counted is still reported
     assert set(totals.total().listeners) == {"http-in", "db"}
+
+
+@pytest.mark.parametrize("seconds", [-1.0, 0.0, 0.0000004, 0.000001, 0.0000015, 0.002047, 0.002048,
+                                     0.0021234, 0.5, 1.999999, 59.9, 60.0, 3600.0])
+def test_recorded_bucket_is_hdrhistograms_index(seconds):
+    """The C recorder files a latency where HdrHistogram's layout puts it."""
+    assert index_of_seconds(seconds) == hdr.index_of(int(seconds * 1e6))
+
+
+def test_recorded_bucket_matches_hdr_over_a_sweep():
+    for us in [*range(1, 5000), *range(5000, 70_000_000, 9973)]:
+        assert index_of_seconds(us / 1e6) == hdr.index_of(int(us / 1e6 * 1e6))
