@@ -1,5 +1,17 @@
-"""Endpoint sets and load-balancer picks (pure: no I/O, no trio)."""
+"""Endpoint sets, load-balancer picks, circuit breakers, outlier ejection and endpoint
+health (pure: no I/O, no trio)."""
 
 from .balancer import Balancer, make_balancer
+from .circuit import CircuitBreaker, Resource
+from .health import EndpointAvailability, HealthState
+from .outlier import OutlierDetector
 
-__all__ = ["Balancer", "make_balancer"]
+__all__ = [
+    "Balancer",
+    "CircuitBreaker",
+    "EndpointAvailability",
+    "HealthState",
+    "OutlierDetector",
+    "Resource",
+    "make_balancer",
+]

@@ -12,7 +12,15 @@ from typing import Any, NamedTuple, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .model import FROM_TEXT, SEMANTIC, Config, describe, format_path, semantic_problems, suggest
+from .model import (
+    FROM_TEXT,
+    SEMANTIC,
+    Config,
+    describe,
+    format_path,
+    semantic_problems,
+    suggest,
+)
 
 
 class FieldError(NamedTuple):
@@ -74,12 +82,19 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """Safe loading that rejects a key given twice in one mapping (YAML keeps the last silently)."""
+    """Safe loading that rejects a key given twice in one mapping (YAML keeps the last silently)
+    and reads a key such as `on` or `no` as the word it is, not as a YAML 1.1 boolean."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if _is_yaml11_bool_word(key_node):
+                key_node.tag = _STR_TAG
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, str):
                 continue  # the base class rejects unhashable keys; other scalars are rare
@@ -89,6 +104,16 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _is_yaml11_bool_word(node: yaml.Node) -> bool:
+    """`on`, `off`, `yes`, `no`: booleans to YAML 1.1 only, field names to us."""
+    return (
+        isinstance(node, yaml.ScalarNode)
+        and node.tag == _BOOL_TAG
+        and not node.style  # plain: None from the Python parser, "" from the C one
+        and node.value.lower() not in ("true", "false")
+    )
 
 
 def _parse_yaml(text: str, source: str) -> Any:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 from pydantic import (
     AfterValidator,
@@ -26,6 +27,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -339,6 +341,61 @@ class HashOn(_Model):
         return self
 
 
+# -- cluster resilience ----------------------------------------------------------------------
+
+Percent = Annotated[StrictFloat, Field(ge=0, le=100)]
+Count = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+
+
+class CircuitLimits(_Model):
+    """`clusters[].circuit_breaker`: beyond a limit a request is answered 503 `circuit_open`
+    at once instead of queueing. Defaults are Envoy's."""
+
+    max_connections: Count = 1024  # upstream connections open at once
+    max_pending: Count = 1024  # requests waiting for a connection
+    max_requests: Count = 1024  # requests in flight
+    max_retries: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 3  # retries in flight
+
+
+class OutlierDetection(_Model):
+    """`clusters[].outlier_detection`: eject an endpoint after consecutive failures for
+    base_ejection_time x times ejected; never more than max_ejection_percent of the endpoints
+    (but always one, as Envoy does). A threshold of 0 turns that detector off."""
+
+    consecutive_5xx: Annotated[StrictInt, Field(ge=0, le=1000)] = 5
+    consecutive_gateway_errors: Annotated[StrictInt, Field(ge=0, le=1000)] = 5  # 502-504, no answer
+    interval: Duration = 10.0  # how often ejections are reviewed and their multiplier decays
+    base_ejection_time: Duration = 30.0
+    max_ejection_percent: Annotated[StrictInt, Field(ge=0, le=100)] = 10
+
+
+class HealthCheck(_Model):
+    """`clusters[].health_check`: an active check per endpoint, every `interval` with jitter:
+    an HTTP/1.1 GET of `path` answered 2xx within `timeout`, or (`tcp: true`) a connect.
+    When fewer than `panic_threshold` percent of the endpoints are usable, all are used."""
+
+    path: PathPattern | None = None
+    tcp: StrictBool | None = None  # only `true` selects it
+    interval: Duration = 5.0
+    timeout: Duration = 1.0
+    healthy_threshold: Annotated[StrictInt, Field(ge=1, le=100)] = 2
+    unhealthy_threshold: Annotated[StrictInt, Field(ge=1, le=100)] = 3
+    panic_threshold: Percent = 50.0  # 0 turns panic routing off
+
+    @model_validator(mode="after")
+    def _one_kind_in_time(self) -> HealthCheck:
+        problems: list[Problem] = []
+        if (self.path is None) == (not self.tcp):
+            found = "path and tcp" if self.path is not None else "none"
+            problems.append(((), f"set exactly one of path or tcp: true (found {found})"))
+        if self.timeout > self.interval:
+            interval = format_duration(self.interval)
+            problems.append((("timeout",), f"must not be longer than interval ({interval})"))
+        if problems:
+            raise _errors("HealthCheck", problems)
+        return self
+
+
 class Cluster(_Model):
     name: Name
     endpoints: Annotated[tuple[Endpoint, ...], Field(min_length=1)]
@@ -347,6 +404,9 @@ class Cluster(_Model):
     )
     hash_on: HashOn | None = None
     connect_timeout: Duration = 1.0
+    circuit_breaker: CircuitLimits | None = None
+    outlier_detection: OutlierDetection | None = None
+    health_check: HealthCheck | None = None
 
     @model_validator(mode="after")
     def _hash_on_for_hash_lb(self) -> Cluster:
@@ -409,6 +469,131 @@ class RouteMatch(_Model):
         return self
 
 
+# -- route resilience ------------------------------------------------------------------------
+
+RetryOn = Literal["connect-failure", "refused", "reset", "5xx", "gateway-error", "503",
+                  "retriable-status-codes"]
+RETRY_ON: tuple[str, ...] = get_args(RetryOn)
+MAX_RETRY_BODY = 16 << 20
+
+
+class Backoff(_Model):
+    """Retry backoff, fully jittered exponential (Envoy's): retry n waits a random time
+    below min(base x (2^n - 1), max)."""
+
+    base: Duration = 0.025
+    max: Duration = 0.25
+
+    @model_validator(mode="after")
+    def _max_not_below_base(self) -> Backoff:
+        if self.max < self.base:
+            message = f"must not be shorter than base ({format_duration(self.base)})"
+            raise _errors("Backoff", [(("max",), message)])
+        return self
+
+
+class RetryBudget(_Model):
+    """Retries allowed over a sliding 10 s window: `percent` of the requests plus
+    `min_per_second` (Linkerd's retry budget)."""
+
+    percent: Percent = 20.0
+    min_per_second: Annotated[StrictInt, Field(ge=0, le=100_000)] = 10
+
+
+class Retry(_Model):
+    """`routes[].retry`. `attempts` counts retries after the first try (Envoy's num_retries).
+    A request that is not idempotent (RFC 9110 9.2.2) is retried only when its connect
+    failed; a body is replayable only up to `max_body_bytes`."""
+
+    attempts: Annotated[StrictInt, Field(ge=0, le=10)] = 1
+    on: Annotated[tuple[RetryOn, ...], Field(min_length=1)] = (
+        "connect-failure", "refused", "reset", "gateway-error",
+    )
+    retriable_status_codes: tuple[Annotated[StrictInt, Field(ge=400, le=599)], ...] = ()
+    per_try_timeout: Duration | None = None  # None: only the route's timeout bounds a try
+    backoff: Backoff = Backoff()
+    budget: RetryBudget = RetryBudget()
+    max_body_bytes: Annotated[StrictInt, Field(ge=0, le=MAX_RETRY_BODY)] = 65536
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _status_as_name(cls, value: Any) -> Any:
+        """`on: [503]` in YAML is a number; it names the condition '503'."""
+        if isinstance(value, (list, tuple)):
+            return tuple("503" if item == 503 and type(item) is int else item for item in value)
+        return value
+
+    @model_validator(mode="after")
+    def _codes_go_with_their_condition(self) -> Retry:
+        problems: list[Problem] = []
+        for i, name in enumerate(self.on):
+            if name in self.on[:i]:
+                problems.append((("on", i), f"{name!r} is listed twice"))
+        for i, code in enumerate(self.retriable_status_codes):
+            if code in self.retriable_status_codes[:i]:
+                problems.append((("retriable_status_codes", i), f"{code} is listed twice"))
+        wanted = "retriable-status-codes" in self.on
+        if wanted and not self.retriable_status_codes:
+            message = "required when on includes 'retriable-status-codes'"
+            problems.append((("retriable_status_codes",), message))
+        if self.retriable_status_codes and not wanted:
+            message = "only used when on includes 'retriable-status-codes'"
+            problems.append((("retriable_status_codes",), message))
+        if problems:
+            raise _errors("Retry", problems)
+        return self
+
+
+class FaultDelay(_Model):
+    percent: Percent = 100.0  # of requests delayed
+    duration: Duration
+
+
+class FaultAbort(_Model):
+    percent: Percent = 100.0  # of requests answered `status` without reaching the cluster
+    status: Annotated[StrictInt, Field(ge=200, le=599)]
+
+
+class Fault(_Model):
+    """`routes[].fault`, for chaos testing: delay and/or abort a share of the requests
+    (decided independently; a request may be delayed, then aborted)."""
+
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Fault:
+        if self.delay is None and self.abort is None:
+            raise _errors("Fault", [((), "set delay, abort or both")])
+        return self
+
+
+class RateLimit(_Model):
+    """`routes[].rate_limit`: a local token bucket *per worker* (N workers admit up to N x rps),
+    refilled at `rps`, holding up to `burst` tokens (default: rps rounded up). Over it: 429."""
+
+    rps: Annotated[StrictFloat, Field(gt=0, le=1_000_000)]
+    burst: Annotated[StrictInt, Field(ge=1, le=10_000_000)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_burst(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "burst" not in data:
+            rps = data.get("rps")
+            number = isinstance(rps, (int, float)) and not isinstance(rps, bool)
+            # A bad rps is reported on its own, not also as a missing burst.
+            return {**data, "burst": max(1, math.ceil(rps)) if number and 0 < rps <= 1e6 else 1}
+        return data
+
+
+class Mirror(_Model):
+    """`routes[].mirror`: a copy of `percent` of the requests goes to `cluster`; its
+    responses are dropped and it never slows or fails the request it copies."""
+
+    cluster: Name
+    percent: Percent = 100.0
+
+
 class WeightedCluster(_Model):
     cluster: Name
     weight: PositiveInt
@@ -419,7 +604,11 @@ class Route(_Model):
     match: RouteMatch
     cluster: Name | None = None
     split: tuple[WeightedCluster, ...] = ()
-    timeout: Duration | None = None
+    timeout: Duration | None = None  # the whole request, retries included
+    retry: Retry | None = None
+    fault: Fault | None = None
+    rate_limit: RateLimit | None = None
+    mirror: Mirror | None = None
 
     @model_validator(mode="after")
     def _one_target(self) -> Route:
@@ -584,7 +773,8 @@ def _address_clashes(listeners: list[tuple[int, Mapping]]) -> list[Problem]:
 
 
 def _cluster_references(listeners: list[tuple[int, Mapping]]) -> Iterable[tuple[tuple, Any]]:
-    """(loc, name) of every place a cluster is named: tcp listeners, routes, splits."""
+    """(loc, name) of every place a cluster is named: tcp listeners, routes, splits,
+    mirrors."""
     for i, listener in listeners:
         if listener.get("cluster") is not None:
             yield ("listeners", i, "cluster"), listener["cluster"]
@@ -593,3 +783,6 @@ def _cluster_references(listeners: list[tuple[int, Mapping]]) -> Iterable[tuple[
                 yield ("listeners", i, "routes", j, "cluster"), route["cluster"]
             for k, part in _entries(route, "split"):
                 yield ("listeners", i, "routes", j, "split", k, "cluster"), part.get("cluster")
+            mirror = route.get("mirror")
+            if isinstance(mirror, Mapping) and mirror.get("cluster") is not None:
+                yield ("listeners", i, "routes", j, "mirror", "cluster"), mirror["cluster"]

@@ -85,6 +85,10 @@ def test_public_surface():
         "Address", "Admin", "Cluster", "Config", "ConfigError", "Endpoint", "FieldError", "HashOn",
         "HttpLimits", "Listener", "Node", "Route", "RouteMatch", "WeightedCluster",
         "config_to_dict", "load_config", "parse_config",
+        # resilience: routes[].retry, fault, rate_limit, mirror; clusters[].circuit_breaker,
+        # outlier_detection, health_check
+        "Retry", "Backoff", "RetryBudget", "Fault", "FaultDelay", "FaultAbort", "RateLimit",
+        "Mirror", "CircuitLimits", "OutlierDetection", "HealthCheck",
     }
 
 
