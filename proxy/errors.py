@@ -32,3 +32,17 @@ class UpstreamConnectError(ProxyError):
 
 class UsageError(Exception):
     """A user mistake outside the config file (bad flag, unreadable file, port in use)."""
+
+
+class CircuitOpenError(ProxyError):
+    """A circuit breaker limit of the cluster is reached: shed the request at once."""
+
+    status = 503
+    code = "circuit_open"
+
+
+class NoHealthyUpstreamError(ProxyError):
+    """Every endpoint of the cluster is unhealthy or ejected (and panic routing is off)."""
+
+    status = 503
+    code = "no_healthy_upstream"

@@ -48,15 +48,20 @@ from .._core.splice import (
     SplicePump,
     monotonic,
 )
+from ..cluster.circuit import REQUESTS, RETRIES
 from ..config import HttpLimits, Listener
-from ..errors import UpstreamConnectError
+from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
 from ..net.sched import yield_now
 from ..net.tcp_proxy import relay_until_done
+from ..policy.fault import fault_action
+from ..policy.retry import IDEMPOTENT, may_replay
+from ..policy.sampling import mirror_cluster
 from ..route import RouteTable
 from ..telemetry import UNROUTED, EndpointStats, ListenerStats, record_request
 from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
 from .dechunk import ChunkedDecoder
 from .local_reply import CONTINUE, local_reply
+from .policies import RoutePolicies, compile_policies
 
 log = logging.getLogger("meshproxy.http")
 
@@ -72,9 +77,11 @@ STREAM_IDLE_TIMEOUT = 300.0
 # unwanted request body is read away so the reply is not lost to an RST.
 LINGER_TIME = 2.0
 LINGER_BYTES = 4 << 20
-# Safe to send twice (RFC 9110 9.2.2): retried once on a fresh connection when
-# a reused one turns out dead before any response byte.
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+# A mirrored copy of a request gets this long to be answered, and at most this many
+# copies are in flight per listener and worker (more are not sent: a mirror must never
+# cost the primary traffic).
+MIRROR_TIMEOUT = 5.0
+MAX_MIRRORS_IN_FLIGHT = 64
 # Request headers the proxy sets itself (hop-by-hop ones go in serialize()).
 REPLACED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"expect")
 
@@ -167,6 +174,8 @@ class Http1Proxy:
         # connections (waiting in these scopes) close at once.
         self.draining = False
         self._idle_waits: set[trio.CancelScope] = set()
+        self.policies: dict[str, RoutePolicies] = {}
+        self.mirrors_in_flight = 0
         self.update(listener, clusters)
 
     def update(self, listener: Listener, clusters: dict[str, UpstreamCluster]) -> None:
@@ -177,6 +186,7 @@ class Http1Proxy:
         """
         self.listener = listener
         self.routes = RouteTable.compile(listener.routes)
+        self.policies = compile_policies(listener.routes, self.policies, monotonic())
         self.clusters = clusters
         limits = listener.limits or HttpLimits()
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
@@ -334,14 +344,21 @@ class Http1Proxy:
         request_id = head.get(b"x-request-id")
         if route is None:
             record_request(self.route_stats[UNROUTED], None, None, 404, "no_route", monotonic() - started, None)
-            if head.chunked or head.content_length > 0 or not head.keep_alive:
-                return await self._reply_and_close(fd, local_reply(404, "no_route", close=True,
-                                                                   request_id=request_id))
-            await self._reply(fd, local_reply(404, "no_route", request_id=request_id))
-            return True
-        cluster = self.clusters[self.routes.pick_cluster(route, random.random())]
+            return await self._refuse(fd, head, 404, "no_route", request_id)
+        cluster = self.clusters[route.cluster or self.routes.pick_cluster(route, random.random())]
         # Looked up now: a reload during the request may drop the route's name.
         route_stats = self.route_stats[route.name]
+        policies = self.policies.get(route.name)
+        if policies is not None:
+            refusal = await self._admit(policies)
+            if refusal is not None:
+                status, code = refusal
+                record_request(route_stats, cluster.stats, None, status, code, monotonic() - started, None)
+                return await self._refuse(fd, head, status, code, request_id)
+        circuit = cluster.circuit
+        if circuit is not None and not circuit.try_acquire(REQUESTS):
+            record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
+            return await self._refuse(fd, head, 503, "circuit_open", request_id)
 
         forwarded_for = head.get(b"x-forwarded-for")
         if forwarded_for is not None:
@@ -353,19 +370,25 @@ class Http1Proxy:
             request_id = _request_ids.next()
             extra += [b"x-request-id: ", request_id, b"\r\n"]
         tunnel = head.upgrade is not None or head.method == b"CONNECT"
-        request = head.serialize(b"".join(extra), tunnel, REPLACED_HEADERS)
+        extra_fields = b"".join(extra)
+        request = head.serialize(extra_fields, tunnel, REPLACED_HEADERS)
 
         if head.expect_continue and head.version == 11:
             # Answer 100 Continue ourselves (as Envoy does by default) so the
             # client sends its body without waiting on the upstream.
             await self._reply(fd, CONTINUE)
 
+        body_len = 0  # of the body bytes that go out with the head
         if head.chunked or head.content_length > 0:
             # Whatever of the body is already buffered goes out with the head.
             body = _RequestBody(head, self.limits)
             try:
-                request += body.take_buffered(buf)
+                buffered = body.take_buffered(buf)
+                body_len = len(buffered)
+                request += buffered
             except ProtocolError as exc:
+                if circuit is not None:
+                    circuit.release(REQUESTS)
                 record_request(route_stats, cluster.stats, None, exc.status, exc.code,
                                monotonic() - started, None)
                 return await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
@@ -376,9 +399,23 @@ class Http1Proxy:
                        timeout=route.timeout or DEFAULT_ROUTE_TIMEOUT,
                        key=cluster.hash_key(head.get, peer) if cluster.hash_on is not None else None,
                        request_id=request_id)
+        if policies is not None:
+            ex.policies = policies
+            retry = policies.retry
+            if retry is not None:
+                ex.per_try = retry.per_try_timeout
+                assert policies.budget is not None
+                policies.budget.record_request(started)
+                # Replayable: the whole body came with the head, within the retry buffer.
+                ex.replayable = body.complete and body_len <= retry.max_body_bytes
+            if policies.mirror is not None and body.complete and not tunnel:
+                self._mirror(policies, head, extra_fields, request[len(request) - body_len:] if body_len else b"")
         try:
             if body is _NO_BODY and not tunnel and not cluster.load_aware:
-                pool = cluster.pick((), ex.key)
+                try:
+                    pool = cluster.pick((), ex.key)
+                except NoHealthyUpstreamError as exc:
+                    return await self._fail(fd, ex, _UpstreamFailed(exc.status, exc.code))
                 up = pool.take_idle()
                 if up is None:
                     # None idle: the slow path opens one to the endpoint picked.
@@ -415,11 +452,20 @@ class Http1Proxy:
                     cluster.stats.retries += 1
                     ex.retried = True
                     return await self._run_exchange(fd, buf, ex, fresh_only=True)
+                cluster.record_outcome(pool, 0, exc.code)
+                if ex.policies is not None and await self._may_retry(ex, 0, exc.code):
+                    return await self._run_exchange(fd, buf, ex, exclude=pool.index)
                 return await self._fail(fd, ex, exc)
             except BaseException:
                 pool.discard(up)
                 raise
 
+            if cluster.outlier is not None:
+                cluster.record_outcome(pool, response.status, None)
+            if (response.status >= 500 and ex.policies is not None
+                    and await self._may_retry(ex, response.status, None)):
+                pool.discard(up)
+                return await self._run_exchange(fd, buf, ex, exclude=pool.index)
             ex.responded = True
             ex.status = response.status
             try:
@@ -458,22 +504,28 @@ class Http1Proxy:
             endpoint = ex.endpoint
             if endpoint is not None:
                 endpoint.active -= 1
+            if circuit is not None:
+                circuit.release(REQUESTS)
+                for _ in range(ex.retries_held):
+                    circuit.release(RETRIES)
             record_request(route_stats, cluster.stats, endpoint, ex.status, ex.error,
                            monotonic() - started, ex.upstream_time)
 
     async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange,
-                            pool: EndpointPool | None = None, *, fresh_only: bool = False) -> bool:
+                            pool: EndpointPool | None = None, *, fresh_only: bool = False,
+                            exclude: int | None = None) -> bool:
         """Proxy one request the general way (bodies that stream, tunnels, retries).
 
         `pool` is the endpoint already picked, if any; `fresh_only`: do not take a pooled
-        connection (none was idle, or the one taken turned out dead).
+        connection (none was idle, or the one taken turned out dead); `exclude`: an
+        endpoint a failed try went to, avoided if any other will do.
         """
         body = ex.body
         try:
             if body.complete:
                 # The common case needs no second task and no cancel scope:
                 # timeouts apply where the driver actually waits.
-                return await self._proxy(fd, buf, ex, None, pool, fresh_only)
+                return await self._proxy(fd, buf, ex, None, pool, fresh_only, exclude)
             # The body streams in a second task while this one awaits the
             # response. Failures are caught inside the nursery, so they arrive
             # here as themselves rather than wrapped in an exception group.
@@ -481,7 +533,7 @@ class Http1Proxy:
             failure: _UpstreamFailed | _ClientGone | OSError | None = None
             async with trio.open_nursery() as nursery:
                 try:
-                    keep = await self._proxy(fd, buf, ex, nursery, pool, fresh_only)
+                    keep = await self._proxy(fd, buf, ex, nursery, pool, fresh_only, exclude)
                 except (_UpstreamFailed, _ClientGone, OSError) as exc:
                     failure = exc
                 if not body.complete:
@@ -507,6 +559,98 @@ class Http1Proxy:
         except _UpstreamFailed as exc:
             return await self._fail(fd, ex, exc)
 
+    async def _refuse(self, fd: int, head: RequestHead, status: int, code: str,
+                      request_id: bytes | None) -> bool:
+        """Answer a request locally without forwarding it; True when the connection stays
+        open (it cannot when an unread body may follow, or the client asked to close)."""
+        if head.chunked or head.content_length > 0 or not head.keep_alive or self.draining:
+            return await self._reply_and_close(fd, local_reply(status, code, close=True,
+                                                               request_id=request_id))
+        await self._reply(fd, local_reply(status, code, request_id=request_id))
+        return True
+
+    async def _admit(self, policies: RoutePolicies) -> tuple[int, str] | None:
+        """The route's rate limit and fault injection: (status, code) to answer locally
+        instead of forwarding, or None to go on (after any injected delay)."""
+        bucket = policies.rate_limit
+        if bucket is not None and not bucket.allow(monotonic()):
+            return 429, "rate_limited"
+        if policies.fault is not None:
+            action = fault_action(policies.fault, random.random(), random.random())
+            if action.delay > 0:
+                await trio.sleep(action.delay)
+            if action.abort is not None:
+                return action.abort, "fault_abort"
+        return None
+
+    async def _may_retry(self, ex: _Exchange, status: int, code: str | None) -> bool:
+        """After a try that failed before anything went to the client (the upstream's
+        `status`, or our `code` when it gave no answer): True, once the backoff has passed,
+        when the route's retry policy sends the request again.
+
+        Only within the route timeout, the attempts, the retry budget and the cluster's
+        max_retries; a non-idempotent request only when the try provably never reached
+        the upstream (RFC 9110 9.2.2); a body only when it is buffered whole.
+        """
+        policies = ex.policies
+        assert policies is not None
+        retry, budget = policies.retry, policies.budget
+        if retry is None or budget is None or ex.tries > retry.attempts or not ex.replayable:
+            return False
+        if not retry.retriable(status, code) or not may_replay(ex.head.method, code):
+            return False
+        deadline = ex.route_deadline()
+        if trio.current_time() >= deadline or not budget.can_retry(monotonic()):
+            return False
+        circuit = ex.cluster.circuit
+        if circuit is not None:
+            if not circuit.try_acquire(RETRIES):
+                return False
+            ex.retries_held += 1  # released when the exchange ends
+        budget.try_spend(monotonic())
+        ex.tries += 1
+        ex.cluster.stats.retries += 1
+        delay = retry.backoff(ex.tries - 1, random.random())
+        if delay > 0:
+            await trio.sleep_until(min(trio.current_time() + delay, deadline))
+        ex.start_try()
+        return True
+
+    def _mirror(self, policies: RoutePolicies, head: RequestHead, extra: bytes, body: bytes) -> None:
+        """Shadow a copy of the request to the mirror cluster, in a task of its own beside
+        the connections' (so a drain waits for it, up to MIRROR_TIMEOUT)."""
+        target = mirror_cluster(policies.mirror, random.random())
+        cluster = self.clusters.get(target) if target is not None else None
+        nursery = trio.lowlevel.current_task().parent_nursery
+        if cluster is None or nursery is None or self.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
+            return
+        request = head.serialize(extra + b"x-meshproxy-shadow: 1\r\n", False, REPLACED_HEADERS) + body
+        self.mirrors_in_flight += 1
+        nursery.start_soon(self._send_mirror, cluster, request, head.method)
+
+    async def _send_mirror(self, cluster: UpstreamCluster, request: bytes, method: bytes) -> None:
+        """Send a mirrored request and wait for its response head, which is dropped with the
+        connection. Whatever happens stays here: the primary request never sees it."""
+        try:
+            with trio.move_on_after(MIRROR_TIMEOUT):
+                pool = cluster.pick()
+                up = pool.take_idle() or await pool.open()
+                try:
+                    await _send_all(up.fd, request, MIRROR_TIMEOUT)
+                    upbuf = up.buffer
+                    while parse_response(upbuf.data, upbuf.start, upbuf.end, self.limits, method) is None:
+                        n = upbuf.recv(up.fd)
+                        if n == 0 or n == -2:
+                            break
+                        if n == -1:
+                            await trio.lowlevel.wait_readable(up.fd)
+                finally:
+                    pool.discard(up)
+        except Exception as exc:  # noqa: BLE001 - a mirror's failure is only logged
+            log.debug("%s: mirror to %s: %s", self.listener.name, cluster.name, exc)
+        finally:
+            self.mirrors_in_flight -= 1
+
     async def _fail(self, fd: int, ex: _Exchange, exc: _UpstreamFailed) -> bool:
         """Answer a request whose upstream failed before any response byte went to the
         client; then close (whatever of the request body is still coming has nowhere to go)."""
@@ -518,9 +662,10 @@ class Http1Proxy:
             fd, local_reply(exc.status, exc.code, close=True, request_id=ex.request_id))
 
     async def _proxy(self, fd: int, buf: RecvBuffer, ex: _Exchange, nursery: trio.Nursery | None,
-                     picked: EndpointPool | None, fresh_only: bool) -> bool:
+                     picked: EndpointPool | None, fresh_only: bool, exclude: int | None) -> bool:
         head = ex.head
-        up, pool, response = await self._send_and_await_head(fd, buf, ex, nursery, picked, fresh_only)
+        up, pool, response = await self._send_and_await_head(fd, buf, ex, nursery, picked, fresh_only,
+                                                             exclude)
         try:
             ex.responded = True
             ex.status = response.status
@@ -545,34 +690,46 @@ class Http1Proxy:
 
     async def _send_and_await_head(self, fd: int, buf: RecvBuffer, ex: _Exchange,
                                    nursery: trio.Nursery | None, picked: EndpointPool | None,
-                                   fresh_only: bool
+                                   fresh_only: bool, exclude: int | None
                                    ) -> tuple[UpstreamConn, EndpointPool, ResponseHead]:
         """Connect (or reuse), send the request, return the response head.
 
-        A reused connection that turns out dead before any response byte is
-        retried once on a fresh connection when the request is safe to replay.
+        A connect that fails goes on to another endpoint. A reused connection that
+        turns out dead before any response byte is retried once on a fresh connection
+        when the request is safe to replay. Beyond that, the route's retry policy
+        decides (`_may_retry`).
         """
         head, cluster, request, body = ex.head, ex.cluster, ex.request, ex.body
-        tried: list[int] = []
+        tried: list[int] = [] if exclude is None else [exclude]
+        connect_failures = 0
         replayable = body.complete and head.method in IDEMPOTENT and not ex.retried
         while True:
-            if picked is not None:
-                pool, picked = picked, None
-            else:
-                pool = cluster.pick(tried, ex.key)
-            up = None if fresh_only else pool.take_idle()
-            reused = up is not None
-            if up is None:
-                try:
-                    with trio.move_on_at(ex.deadline()):
-                        up = await pool.open()
-                except UpstreamConnectError as exc:
-                    tried.append(pool.index)
-                    if len(tried) < min(len(cluster.pools), MAX_CONNECT_ATTEMPTS):
-                        continue
-                    raise _UpstreamFailed(exc.status, exc.code) from exc
+            try:
+                if picked is not None:
+                    pool, picked = picked, None
+                else:
+                    pool = cluster.pick(tried, ex.key)
+                ex.start_try()
+                up = None if fresh_only else pool.take_idle()
+                reused = up is not None
                 if up is None:
-                    raise _UpstreamFailed(504, "upstream_timeout")
+                    try:
+                        with trio.move_on_at(ex.deadline()):
+                            up = await pool.open()
+                    except UpstreamConnectError as exc:
+                        cluster.record_outcome(pool, 0, exc.code)
+                        tried.append(pool.index)
+                        connect_failures += 1
+                        if connect_failures < min(len(cluster.pools), MAX_CONNECT_ATTEMPTS):
+                            continue
+                        if ex.policies is not None and await self._may_retry(ex, 0, exc.code):
+                            connect_failures = 0
+                            continue
+                        raise _UpstreamFailed(exc.status, exc.code) from exc
+                    if up is None:
+                        raise _UpstreamFailed(504, "upstream_timeout")
+            except (CircuitOpenError, NoHealthyUpstreamError) as exc:
+                raise _UpstreamFailed(exc.status, exc.code) from exc
             try:
                 try:
                     sent = send_from(up.fd, request, 0)
@@ -606,10 +763,23 @@ class Http1Proxy:
                     replayable = False
                     fresh_only = True
                     continue
+                cluster.record_outcome(pool, 0, exc.code)
+                if body.complete and ex.policies is not None and await self._may_retry(ex, 0, exc.code):
+                    tried.append(pool.index)
+                    fresh_only = False
+                    continue
                 raise
             except BaseException:
                 pool.discard(up)
                 raise
+            if cluster.outlier is not None:
+                cluster.record_outcome(pool, response.status, None)
+            if (response.status >= 500 and body.complete and ex.policies is not None
+                    and await self._may_retry(ex, response.status, None)):
+                pool.discard(up)  # its body unread: the connection has no boundary now
+                tried.append(pool.index)
+                fresh_only = False
+                continue
             return up, pool, response
 
     async def _await_head_counted(self, fd: int, up: UpstreamConn, head: RequestHead, reused: bool,
@@ -849,18 +1019,24 @@ class _Exchange:
 
     __slots__ = (
         "_deadline",
+        "_try_deadline",
         "body",
         "cluster",
         "endpoint",
         "error",
         "head",
         "key",
+        "per_try",
+        "policies",
+        "replayable",
         "request",
         "request_id",
         "responded",
         "retried",
+        "retries_held",
         "status",
         "timeout",
+        "tries",
         "tunnel",
         "upstream_time",
     )
@@ -878,6 +1054,12 @@ class _Exchange:
         self.key = key  # what a hashing balancer hashes, if the cluster hashes
         self.responded = False  # response bytes went to the client: no local reply now
         self.retried = False  # sent again on a fresh connection: never a second time
+        self.policies: RoutePolicies | None = None  # the route's retry, fault, rate limit, mirror
+        self.replayable = False  # may be sent again by the retry policy (body buffered whole)
+        self.tries = 1  # tries the retry policy made (the access log's attempts)
+        self.retries_held = 0  # the cluster breaker's retry slots this request holds
+        self.per_try: float | None = None  # the retry policy's per-try timeout
+        self._try_deadline: float | None = None
         self.request_id = request_id
         # What the request counts as when it ends (telemetry):
         self.status = 0  # the status the client got (0: none)
@@ -886,13 +1068,26 @@ class _Exchange:
         self.upstream_time: float | None = None  # seconds from sending to the response head
 
     def deadline(self) -> float:
-        """The route timeout as a deadline, fixed the first time a wait needs it.
+        """When the current try must have its response head: the route deadline, or the
+        per-try timeout's if sooner. Both are fixed the first time a wait needs them: the
+        fast path never waits, so it never pays for reading the clock."""
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self.timeout
+        if self.per_try is not None:
+            if self._try_deadline is None:
+                self._try_deadline = trio.current_time() + self.per_try
+            return min(self._deadline, self._try_deadline)
+        return self._deadline
 
-        The fast path never waits, so it never pays for reading the clock.
-        """
+    def route_deadline(self) -> float:
+        """The route timeout as a deadline: the whole request, retries included."""
         if self._deadline is None:
             self._deadline = trio.current_time() + self.timeout
         return self._deadline
+
+    def start_try(self) -> None:
+        """A new try begins: its per-try timeout starts when it first waits."""
+        self._try_deadline = None
 
 
 class _NoBody:

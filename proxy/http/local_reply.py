@@ -22,6 +22,10 @@ _DESCRIPTIONS = {
     "upstream_reset": "upstream closed the connection before responding",
     "upstream_timeout": "upstream did not respond in time",
     "upstream_protocol_error": "upstream sent a malformed response",
+    "circuit_open": "too many requests to the upstream cluster: shed by its circuit breaker",
+    "no_healthy_upstream": "no healthy upstream endpoint",
+    "rate_limited": "request rate limit exceeded",
+    "fault_abort": "request aborted by fault injection",
 }
 
 

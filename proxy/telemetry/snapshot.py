@@ -7,8 +7,9 @@ element (status classes), dicts add key by key (names, error codes, histogram bu
 strings are kept, and stats objects add slot by slot. A counter added to a stats class is
 therefore snapshotted, merged and retired without a line changed here.
 
-Gauges (`active`: open connections, requests in flight) are the exception: they describe
-live processes, so a dead worker's last values are not carried into the retired totals.
+Gauges (`active`: open connections, requests in flight; `ejected`, `unhealthy`: endpoint
+state) are the exception: they describe live processes, so a dead worker's last values are
+not carried into the retired totals.
 
 Why sparse histogram buckets rather than `HdrHistogram.encode()` blobs: a snapshot is
 taken on the worker's event loop, and encoding means building a dense 17,408-counter
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .stats import ClusterStats, ListenerStats
 
-GAUGES = frozenset({"active"})
+GAUGES = frozenset({"active", "ejected", "unhealthy"})
 
 
 @dataclass(slots=True)

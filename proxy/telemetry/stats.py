@@ -68,12 +68,15 @@ class RouteStats:
 class EndpointStats:
     """One endpoint of a cluster. `errors` counts 5xx answers and failed connects."""
 
-    __slots__ = ("active", "errors", "requests")
+    __slots__ = ("active", "ejected", "ejections", "errors", "requests", "unhealthy")
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         self.active = 0  # gauge: requests in flight
+        self.ejected = 0  # gauge: 1 while outlier detection keeps it out (per worker)
+        self.ejections = 0  # times outlier detection ejected it
+        self.unhealthy = 0  # gauge: 1 while health checks fail it, or before the first one
 
 
 class ClusterStats:

@@ -10,16 +10,21 @@ bounded in number and age.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection
 
 from .._core import sockops
 from .._core.iobuf import RecvBuffer, peer_closed
 from ..cluster import make_balancer
+from ..cluster.circuit import CONNECTIONS, PENDING, CircuitBreaker
+from ..cluster.health import EndpointAvailability
 from ..config import Address, Cluster
-from ..errors import UpstreamConnectError
+from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
 from ..net.connect import connect
 from ..telemetry import ClusterStats, record_connect_failure
+
+log = logging.getLogger("meshproxy.upstream")
 
 # Idle connections kept per endpoint, and how long one may sit idle. Upstream
 # servers commonly close idle keep-alive connections after 60-75 s; closing
@@ -32,27 +37,31 @@ RESPONSE_BUFFER = 65536
 class UpstreamConn:
     """One connection to an endpoint, with the buffer its responses are read into."""
 
-    __slots__ = ("buffer", "endpoint", "fd", "idle_since")
+    __slots__ = ("buffer", "circuit", "endpoint", "fd", "idle_since")
 
-    def __init__(self, fd: int, endpoint: int) -> None:
+    def __init__(self, fd: int, endpoint: int, circuit: CircuitBreaker | None = None) -> None:
         self.fd = fd
         self.endpoint = endpoint
         self.buffer = RecvBuffer(RESPONSE_BUFFER)
         self.idle_since = 0.0
+        self.circuit = circuit  # holds one of its connections until closed
 
     def close(self) -> None:
         if self.fd >= 0:
             sockops.close_fd(self.fd)
             self.fd = -1
+            if self.circuit is not None:
+                self.circuit.release(CONNECTIONS)
 
 
 class EndpointPool:
     def __init__(self, address: Address, index: int, connect_timeout: float,
-                 cluster_stats: ClusterStats) -> None:
+                 cluster_stats: ClusterStats, circuit: CircuitBreaker | None = None) -> None:
         self.address = address
         self.index = index
         self.connect_timeout = connect_timeout
         self.cluster_stats = cluster_stats
+        self.circuit = circuit  # the cluster's, when it has one
         self.stats = cluster_stats.endpoints[str(address)]
         self._idle: list[UpstreamConn] = []
         self.active = 0  # connections handed out and not yet returned or closed
@@ -79,14 +88,29 @@ class EndpointPool:
         return None
 
     async def open(self) -> UpstreamConn:
+        """A new connection; CircuitOpenError when the cluster's breaker allows no more
+        connections or connects waiting, UpstreamConnectError when the connect fails."""
+        circuit = self.circuit
+        if circuit is not None:
+            if not circuit.try_acquire(CONNECTIONS):
+                raise CircuitOpenError("max_connections reached")
+            if not circuit.try_acquire(PENDING):
+                circuit.release(CONNECTIONS)
+                raise CircuitOpenError("max_pending reached")
         try:
             fd = await connect(self.address, self.connect_timeout)
-        except UpstreamConnectError:
-            record_connect_failure(self.cluster_stats, self.stats)
+        except BaseException as exc:
+            if circuit is not None:
+                circuit.release(CONNECTIONS)
+            if isinstance(exc, UpstreamConnectError):
+                record_connect_failure(self.cluster_stats, self.stats)
             raise
+        finally:
+            if circuit is not None:
+                circuit.release(PENDING)
         self.cluster_stats.connections += 1
         self.active += 1
-        return UpstreamConn(fd, self.index)
+        return UpstreamConn(fd, self.index, circuit)
 
     def give_back(self, conn: UpstreamConn) -> None:
         """Return a connection whose last response was fully delivered."""
@@ -119,7 +143,8 @@ class EndpointPool:
 
 
 class UpstreamCluster:
-    """A cluster's balancer and one pool per endpoint."""
+    """A cluster's balancer, one pool per endpoint, and what keeps traffic from bad
+    endpoints: health checks, outlier ejection, the circuit breaker."""
 
     def __init__(self, cluster: Cluster, stats: ClusterStats) -> None:
         self.config = cluster
@@ -129,13 +154,79 @@ class UpstreamCluster:
         self.hash_on = cluster.hash_on
         # Balancers that steer by requests in flight or latency need to be told.
         self.load_aware = cluster.lb in ("least_request", "peak_ewma")
+        # Shared by the whole cluster, as Envoy's thresholds are (per worker here).
+        self.circuit = CircuitBreaker(cluster.circuit_breaker) if cluster.circuit_breaker else None
         self.pools = [
-            EndpointPool(endpoint.address, i, cluster.connect_timeout, stats)
+            EndpointPool(endpoint.address, i, cluster.connect_timeout, stats, self.circuit)
             for i, endpoint in enumerate(cluster.endpoints)
         ]
+        # None when neither health checks nor outlier detection are configured: every
+        # endpoint always takes traffic, and the request path skips all of this.
+        self.availability: EndpointAvailability | None = None
+        self.outlier = None
+        if cluster.health_check is not None or cluster.outlier_detection is not None:
+            self.availability = EndpointAvailability.for_cluster(cluster, time.monotonic())
+            self.outlier = self.availability.outlier
+            for pool in self.pools:
+                pool.stats.unhealthy = int(self.availability.health is not None)  # pending
 
     def pick(self, exclude: Collection[int] = (), key: bytes | None = None) -> EndpointPool:
+        """The endpoint for one try, never one in `exclude` unless all are; unhealthy and
+        ejected endpoints are left out too (all of them in panic routing).
+        NoHealthyUpstreamError when none is left even so."""
+        availability = self.availability
+        if availability is not None:
+            now = time.monotonic()
+            if self.outlier is not None:
+                for index in self.outlier.refresh(now):
+                    self._ejection_ended(index)
+            unusable = availability.excluded(now)
+            if unusable:
+                if len(unusable) == len(self.pools):
+                    raise NoHealthyUpstreamError("no healthy endpoint")
+                exclude = unusable.union(exclude)
         return self.pools[self.balancer.pick(exclude, key)]
+
+    def record_outcome(self, pool: EndpointPool, status: int, error: str | None) -> None:
+        """How a try ended, for outlier detection: the upstream's `status`, or a local
+        `error` code when it gave no answer."""
+        outlier = self.outlier
+        if outlier is None:
+            return
+        now = time.monotonic()
+        if error is not None and status == 0:
+            ejected = outlier.record_local_failure(pool.index, now)
+        else:
+            ejected = outlier.record_response(pool.index, status, now)
+        if ejected:
+            pool.stats.ejected = 1
+            pool.stats.ejections += 1
+            log.warning("%s: endpoint %s ejected for %.0fs (outlier detection)", self.name,
+                        pool.address, (outlier.ejected_until(pool.index) or now) - now)
+
+    def _ejection_ended(self, index: int) -> None:
+        pool = self.pools[index]
+        pool.stats.ejected = 0
+        log.info("%s: endpoint %s back from ejection", self.name, pool.address)
+
+    def record_health(self, index: int, passed: bool) -> bool:
+        """An active health check's verdict on endpoint `index` (the health checker calls
+        this as it would `HealthState.record`); True when the endpoint's state flipped."""
+        assert self.availability is not None and self.availability.health is not None
+        health = self.availability.health
+        flipped = health.record(index, passed)
+        if flipped:
+            pool = self.pools[index]
+            pool.stats.unhealthy = int(not health.healthy(index))
+            log.info("%s: endpoint %s is %s", self.name, pool.address, health.status(index))
+        return flipped
+
+    def refresh(self) -> None:
+        """Bring ejections that ran out up to date without waiting for traffic (called
+        from the worker's periodic sweep) so /clusters never shows a stale ejection."""
+        if self.outlier is not None:
+            for index in self.outlier.refresh(time.monotonic()):
+                self._ejection_ended(index)
 
     def hash_key(self, header: Callable[[bytes], bytes | None], peer: bytes) -> bytes | None:
         """What a hashing balancer hashes for this request (None: pick at random)."""
@@ -149,6 +240,7 @@ class UpstreamCluster:
         return peer
 
     def close_expired(self) -> None:
+        self.refresh()
         for pool in self.pools:
             pool.close_expired()
 
