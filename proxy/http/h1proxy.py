@@ -61,6 +61,7 @@ from ..telemetry import UNROUTED, EndpointStats, ListenerStats, record_request
 from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
 from .dechunk import ChunkedDecoder
 from .local_reply import CONTINUE, local_reply
+from .observe import Observation, Observer
 from .policies import RoutePolicies, compile_policies
 
 log = logging.getLogger("meshproxy.http")
@@ -176,6 +177,8 @@ class Http1Proxy:
         self._idle_waits: set[trio.CancelScope] = set()
         self.policies: dict[str, RoutePolicies] = {}
         self.mirrors_in_flight = 0
+        # Access log and tracing, when `telemetry` asks for either (set by the worker).
+        self.observer: Observer | None = None
         self.update(listener, clusters)
 
     def update(self, listener: Listener, clusters: dict[str, UpstreamCluster]) -> None:
@@ -242,7 +245,13 @@ class Http1Proxy:
                     head = await self._read_request_head(fd, buf, first)
             except ProtocolError as exc:
                 record_request(self.route_stats[UNROUTED], None, None, exc.status, exc.code, 0.0, None)
-                await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
+                reply = local_reply(exc.status, exc.code, str(exc), close=True)
+                if self.observer is not None:
+                    self.observer.end(self.observer.begin(None), None, route=None, cluster=None,
+                                      endpoint=None, status=exc.status, error=exc.code, bytes_in=len(buf),
+                                      bytes_out=len(reply), duration=0.0, upstream=None, attempts=0,
+                                      request_id=None, peer=peer)
+                await self._reply_and_close(fd, reply)
                 return
             if head is None:
                 return
@@ -340,10 +349,13 @@ class Http1Proxy:
         """Proxy one request; True when the client connection stays open."""
         # A CONNECT target has no path; it matches routes as "/" would.
         started = monotonic()
+        obs = self.observer.begin(head) if self.observer is not None else None
         route = self.routes.match(head.method, head.host, head.path or b"/", head.get)
         request_id = head.get(b"x-request-id")
         if route is None:
             record_request(self.route_stats[UNROUTED], None, None, 404, "no_route", monotonic() - started, None)
+            if obs is not None:
+                self._observed(obs, head, None, None, None, 404, "no_route", started, request_id, peer)
             return await self._refuse(fd, head, 404, "no_route", request_id)
         cluster = self.clusters[route.cluster or self.routes.pick_cluster(route, random.random())]
         # Looked up now: a reload during the request may drop the route's name.
@@ -354,10 +366,16 @@ class Http1Proxy:
             if refusal is not None:
                 status, code = refusal
                 record_request(route_stats, cluster.stats, None, status, code, monotonic() - started, None)
+                if obs is not None:
+                    self._observed(obs, head, route.name, cluster.name, None, status, code, started,
+                                   request_id, peer)
                 return await self._refuse(fd, head, status, code, request_id)
         circuit = cluster.circuit
         if circuit is not None and not circuit.try_acquire(REQUESTS):
             record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
+            if obs is not None:
+                self._observed(obs, head, route.name, cluster.name, None, 503, "circuit_open", started,
+                               request_id, peer)
             return await self._refuse(fd, head, 503, "circuit_open", request_id)
 
         forwarded_for = head.get(b"x-forwarded-for")
@@ -370,8 +388,13 @@ class Http1Proxy:
             request_id = _request_ids.next()
             extra += [b"x-request-id: ", request_id, b"\r\n"]
         tunnel = head.upgrade is not None or head.method == b"CONNECT"
+        if obs is not None and obs.fields:
+            extra.append(obs.fields)  # trace context for the upstream, replacing the client's
+            drop = REPLACED_HEADERS + self.observer.drop
+        else:
+            drop = REPLACED_HEADERS
         extra_fields = b"".join(extra)
-        request = head.serialize(extra_fields, tunnel, REPLACED_HEADERS)
+        request = head.serialize(extra_fields, tunnel, drop)
 
         if head.expect_continue and head.version == 11:
             # Answer 100 Continue ourselves (as Envoy does by default) so the
@@ -391,6 +414,9 @@ class Http1Proxy:
                     circuit.release(REQUESTS)
                 record_request(route_stats, cluster.stats, None, exc.status, exc.code,
                                monotonic() - started, None)
+                if obs is not None:
+                    self._observed(obs, head, route.name, cluster.name, None, exc.status, exc.code, started,
+                                   request_id, peer)
                 return await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
         else:
             body = _NO_BODY
@@ -429,6 +455,7 @@ class Http1Proxy:
             # path spreads over helpers are inline. Anything unusual goes on in
             # those helpers from where this stopped.
             ex.endpoint = pool.stats
+            ex.address = pool.address_text
             pool.stats.active += 1
             try:
                 try:
@@ -460,6 +487,7 @@ class Http1Proxy:
                 pool.discard(up)
                 raise
 
+            ex.upstream_status = response.status
             if cluster.outlier is not None:
                 cluster.record_outcome(pool, response.status, None)
             if (response.status >= 500 and ex.policies is not None
@@ -480,10 +508,12 @@ class Http1Proxy:
                                              else b"connection: close\r\n")
                     if kind == BODY_LENGTH and length:
                         out += upbuf.take(length)
+                    ex.bytes_out = len(out)
                     sent = send_from(fd, out, 0)
                     if sent != len(out):
                         await self._reply(fd, out[max(sent, 0):])
                 else:
+                    ex.bytes_out = response.size + max(response.content_length, 0)
                     client_keep = await self._forward_response(fd, head, response, up, True)
             except _UpstreamFailed as exc:
                 pool.discard(up)
@@ -510,6 +540,22 @@ class Http1Proxy:
                     circuit.release(RETRIES)
             record_request(route_stats, cluster.stats, endpoint, ex.status, ex.error,
                            monotonic() - started, ex.upstream_time)
+            if obs is not None:
+                self._observed(obs, head, route.name, cluster.name, ex, ex.status, ex.error, started,
+                               request_id, peer)
+
+    def _observed(self, obs: Observation, head: RequestHead, route: str | None, cluster: str | None,
+                  ex: _Exchange | None, status: int, error: str | None, started: float,
+                  request_id: bytes | None, peer: bytes) -> None:
+        """Hand a finished request to the observer (access log line, spans)."""
+        assert self.observer is not None
+        attempts = (ex.tries + ex.retried) if ex is not None and ex.address is not None else 0
+        self.observer.end(
+            obs, head, route=route, cluster=cluster, endpoint=ex.address if ex is not None else None,
+            status=status, error=error, bytes_in=head.size + max(head.content_length, 0),
+            bytes_out=ex.bytes_out if ex is not None else 0, duration=monotonic() - started,
+            upstream=ex.upstream_time if ex is not None else None, attempts=attempts,
+            request_id=request_id, peer=peer, upstream_status=ex.upstream_status if ex is not None else 0)
 
     async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange,
                             pool: EndpointPool | None = None, *, fresh_only: bool = False,
@@ -658,8 +704,9 @@ class Http1Proxy:
         log.info("%s: %s %s -> %d %s", self.listener.name, head.method.decode("latin-1"),
                  head.path[:200].decode("latin-1"), exc.status, exc.code)
         ex.status, ex.error = exc.status, exc.code
-        return await self._reply_and_close(
-            fd, local_reply(exc.status, exc.code, close=True, request_id=ex.request_id))
+        reply = local_reply(exc.status, exc.code, close=True, request_id=ex.request_id)
+        ex.bytes_out = len(reply)
+        return await self._reply_and_close(fd, reply)
 
     async def _proxy(self, fd: int, buf: RecvBuffer, ex: _Exchange, nursery: trio.Nursery | None,
                      picked: EndpointPool | None, fresh_only: bool, exclude: int | None) -> bool:
@@ -669,6 +716,7 @@ class Http1Proxy:
         try:
             ex.responded = True
             ex.status = response.status
+            ex.bytes_out = response.size + max(response.content_length, 0)
             if ex.tunnel and _switches_protocol(head, response):
                 try:
                     await self._tunnel(fd, buf, up, response)
@@ -742,6 +790,7 @@ class Http1Proxy:
                     if ex.endpoint is not None:
                         ex.endpoint.active -= 1
                     ex.endpoint = pool.stats
+                    ex.address = pool.address_text
                     pool.stats.active += 1
                 if not body.complete:
                     assert nursery is not None
@@ -772,6 +821,7 @@ class Http1Proxy:
             except BaseException:
                 pool.discard(up)
                 raise
+            ex.upstream_status = response.status
             if cluster.outlier is not None:
                 cluster.record_outcome(pool, response.status, None)
             if (response.status >= 500 and body.complete and ex.policies is not None
@@ -1020,7 +1070,9 @@ class _Exchange:
     __slots__ = (
         "_deadline",
         "_try_deadline",
+        "address",
         "body",
+        "bytes_out",
         "cluster",
         "endpoint",
         "error",
@@ -1038,6 +1090,7 @@ class _Exchange:
         "timeout",
         "tries",
         "tunnel",
+        "upstream_status",
         "upstream_time",
     )
 
@@ -1065,6 +1118,9 @@ class _Exchange:
         self.status = 0  # the status the client got (0: none)
         self.error: str | None = None  # x-meshproxy-error code of a local reply
         self.endpoint: EndpointStats | None = None  # where it was sent
+        self.address: str | None = None  # and that endpoint's address
+        self.upstream_status = 0  # the last answer from upstream (0: none)
+        self.bytes_out = 0  # to the client, as far as known (bodies that stream: as framed)
         self.upstream_time: float | None = None  # seconds from sending to the response head
 
     def deadline(self) -> float:

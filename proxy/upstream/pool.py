@@ -62,6 +62,7 @@ class EndpointPool:
         self.connect_timeout = connect_timeout
         self.cluster_stats = cluster_stats
         self.circuit = circuit  # the cluster's, when it has one
+        self.address_text = str(address)  # for logs and spans, made once
         self.stats = cluster_stats.endpoints[str(address)]
         self._idle: list[UpstreamConn] = []
         self.active = 0  # connections handed out and not yet returned or closed

@@ -1,0 +1,110 @@
+"""Access log lines and trace spans for the requests of one worker (`telemetry:`).
+
+The request path asks `begin` when a request arrives and `end` when it is answered; with
+neither an access log nor tracing configured the worker has no Observer and the request
+path pays one `is None` test. The sink and the exporter only queue: writing and exporting
+happen in their own tasks, so a slow disk or a dead collector never holds a request up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+
+from .._core.http1 import RequestHead
+from ..log_sink import AccessLogSink
+from ..telemetry.access_log import AccessLogFilter, AccessRecord, LineFormat
+from ..tracing import (
+    PROPAGATION_HEADERS,
+    SpanContext,
+    client_span,
+    continue_trace,
+    decide_sampled,
+    extract,
+    inject,
+    server_span,
+)
+from ..tracing.exporter import SpanExporter
+
+_PROTOCOLS = {10: "HTTP/1.0", 11: "HTTP/1.1"}
+
+
+class Tracing:
+    """What tracing needs per request: where context is read and written, and how much is
+    sampled without a parent's decision."""
+
+    __slots__ = ("exporter", "propagation", "sample_rate")
+
+    def __init__(self, propagation: Sequence[str], sample_rate: float, exporter: SpanExporter) -> None:
+        self.propagation = tuple(propagation)
+        self.sample_rate = sample_rate
+        self.exporter = exporter
+
+
+class Observation:
+    """One request being observed: when it started, and its spans' contexts."""
+
+    __slots__ = ("client", "fields", "server", "started_ns", "started_wall")
+
+    def __init__(self) -> None:
+        self.started_wall = time.time()
+        self.started_ns = time.time_ns()
+        self.server: SpanContext | None = None  # the proxy's server span (trace id for the log)
+        self.client: SpanContext | None = None  # the span the upstream sees as its parent
+        self.fields = b""  # trace context header lines for the upstream request
+
+
+class Observer:
+    def __init__(self, listener: str, sink: AccessLogSink | None, line_format: LineFormat,
+                 keep: AccessLogFilter, tracing: Tracing | None) -> None:
+        self.listener = listener
+        self.sink = sink
+        self.line_format = line_format
+        self.keep = keep
+        self.tracing = tracing
+        # Incoming trace headers are replaced by ours, never passed on as they came.
+        self.drop: tuple[bytes, ...] = tuple(PROPAGATION_HEADERS) if tracing is not None else ()
+
+    def begin(self, head: RequestHead | None) -> Observation:
+        obs = Observation()
+        tracing = self.tracing
+        if tracing is not None and head is not None:
+            parent = extract(head.get, tracing.propagation)
+            sampled = decide_sampled(parent, tracing.sample_rate, random.random())
+            obs.server = server = continue_trace(parent, sampled)
+            obs.client = client = continue_trace(server, sampled)
+            obs.fields = b"".join(b"%s: %s\r\n" % pair for pair in inject(client, tracing.propagation))
+        return obs
+
+    def end(self, obs: Observation, head: RequestHead | None, *, route: str | None, cluster: str | None,
+            endpoint: str | None, status: int, error: str | None, bytes_in: int, bytes_out: int,
+            duration: float, upstream: float | None, attempts: int, request_id: bytes | None,
+            peer: bytes | None, peer_identity: str | None = None,
+            upstream_status: int = 0) -> None:
+        """The request was answered (or given up): its access log line and its spans."""
+        server = obs.server
+        method = head.method if head is not None else None
+        path = head.path if head is not None else None
+        authority = head.host if head is not None else None
+        sink = self.sink
+        if sink is not None and self.keep.wants(status, error, random.random()):
+            sink.write(self.line_format(AccessRecord(
+                obs.started_wall, self.listener, route, cluster, endpoint, method, authority, path,
+                _PROTOCOLS.get(head.version, "HTTP/1.1") if head is not None else "HTTP/1.1",
+                status, error, bytes_in, bytes_out, duration * 1e3,
+                upstream * 1e3 if upstream is not None else None, attempts, request_id,
+                server.trace_id if server is not None else None, peer, peer_identity)))
+        if server is None or not server.sampled or self.tracing is None or head is None:
+            return
+        end_ns = obs.started_ns + int(duration * 1e9)
+        exporter = self.tracing.exporter
+        exporter.submit(server_span(
+            server, obs.started_ns, end_ns, method=head.method, path=head.target, authority=authority,
+            status=status, error=error, peer=peer.decode() if peer else None, route=route, cluster=cluster,
+            protocol_version="1.0" if head.version == 10 else "1.1"))
+        if endpoint is not None and obs.client is not None:
+            exporter.submit(client_span(
+                obs.client, obs.started_ns, end_ns, method=head.method, path=head.target,
+                endpoint=endpoint, status=upstream_status, error=error if not upstream_status else None,
+                route=route, cluster=cluster, resend_count=max(attempts - 1, 0)))
