@@ -536,7 +536,7 @@ class Http1Proxy:
                 endpoint.active -= 1
             if circuit is not None:
                 circuit.release(REQUESTS)
-                for _ in range(ex.retries_held):
+                if ex.retry_held:
                     circuit.release(RETRIES)
             record_request(route_stats, cluster.stats, endpoint, ex.status, ex.error,
                            monotonic() - started, ex.upstream_time)
@@ -650,9 +650,13 @@ class Http1Proxy:
             return False
         circuit = ex.cluster.circuit
         if circuit is not None:
+            # max_retries bounds retries in flight: the previous retry (if any) is over.
+            if ex.retry_held:
+                circuit.release(RETRIES)
+                ex.retry_held = False
             if not circuit.try_acquire(RETRIES):
                 return False
-            ex.retries_held += 1  # released when the exchange ends
+            ex.retry_held = True  # until the next retry, or the end of the exchange
         budget.try_spend(monotonic())
         ex.tries += 1
         ex.cluster.stats.retries += 1
@@ -1085,7 +1089,7 @@ class _Exchange:
         "request_id",
         "responded",
         "retried",
-        "retries_held",
+        "retry_held",
         "status",
         "timeout",
         "tries",
@@ -1110,7 +1114,7 @@ class _Exchange:
         self.policies: RoutePolicies | None = None  # the route's retry, fault, rate limit, mirror
         self.replayable = False  # may be sent again by the retry policy (body buffered whole)
         self.tries = 1  # tries the retry policy made (the access log's attempts)
-        self.retries_held = 0  # the cluster breaker's retry slots this request holds
+        self.retry_held = False  # holds one of the cluster breaker's retry slots
         self.per_try: float | None = None  # the retry policy's per-try timeout
         self._try_deadline: float | None = None
         self.request_id = request_id

@@ -8,6 +8,7 @@
     origin.set_mode(Fault.REFUSE)                  # stop listening: connects are refused
     origin.heal()                                  # listen again, forget every fault
     origin.count("POST", "/pay")                   # requests that reached it
+    origin.requests[0].header("x-foo")             # what one of them carried
     origin.close()
 
 A request is counted once its head and body have been read, before any fault acts on it: a
@@ -29,7 +30,7 @@ import socket
 import struct
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Self
 
@@ -67,6 +68,12 @@ class SeenRequest:
     method: str
     path: str
     body_length: int
+    headers: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # names lowercased
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name`, or None."""
+        name = name.lower()
+        return next((v for n, v in self.headers if n == name), None)
 
 
 class FaultyOrigin:
@@ -238,7 +245,8 @@ class FaultyOrigin:
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
                 path = head.target.decode("latin-1").split("?", 1)[0]
-                seen = SeenRequest(head.method.decode("latin-1"), path, body)
+                headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers)
+                seen = SeenRequest(head.method.decode("latin-1"), path, body, headers)
                 with self._seen_changed:
                     self._seen.append(seen)
                     self._seen_changed.notify_all()
