@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc, reload, upstream
+from . import collector, proc, reload, upstream
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,50 @@ class MeshproxyReload(Meshproxy):
     def during_window(self, proxy):
         base = proxy.config.read_text()
         return reload.Reloader(proxy.admin_url, lambda k: _reload_variant(base, k))
+
+
+class MeshproxyVariant(Meshproxy):
+    """meshproxy's HTTP listener with features switched on, to measure what they cost against
+    plain `meshproxy` in the same run: extra route fields, cluster fields, and top-level
+    sections (each a YAML fragment; `{workdir}` and `{collector}` are filled in)."""
+
+    listeners = frozenset({"http"})
+
+    def __init__(self, name: str, route: str = "", cluster: str = "", top: str = "") -> None:
+        self.name = name
+        self.route, self.cluster, self.top = route, cluster, top
+
+    def launch(self, workdir, listener, port, upstream_port, workers):
+        launch = super().launch(workdir, listener, port, upstream_port, workers)
+        fill = {"workdir": workdir, "collector": collector.url() if "{collector}" in self.top else ""}
+        text = launch.config.read_text()
+        catch_all = "{name: all, match: {prefix: /}, cluster: origin}"
+        text = text.replace(catch_all, catch_all[:-1] + self.route + "}", 1)
+        text = text.replace("    connect_timeout: 1s\n", "    connect_timeout: 1s\n" + self.cluster, 1)
+        launch.config.write_text(text + self.top.format(**fill))
+        return launch
+
+
+# What issue-level features cost on the small-request path (see bench/README.md).
+RESILIENCE = MeshproxyVariant(
+    "meshproxy+resilience",
+    route=", timeout: 5s, retry: {attempts: 2, on: [reset, gateway-error], per_try_timeout: 2s}",
+    cluster="    circuit_breaker: {max_requests: 4096}\n    outlier_detection: {consecutive_5xx: 5}\n",
+)
+ACCESS_LOG = MeshproxyVariant(
+    "meshproxy+accesslog", top="telemetry:\n  access_log: {{path: {workdir}/access.log, format: json}}\n")
+TRACING = {
+    rate: MeshproxyVariant(
+        f"meshproxy+trace{label}",
+        top=("telemetry:\n  tracing: {{propagation: [w3c], otlp_endpoint: '{collector}', "
+             f"sample_rate: {rate}, service_name: bench}}}}\n"))
+    for label, rate in (("100", 1.0), ("1", 0.01))
+}
+LOGS_AND_TRACING = MeshproxyVariant(
+    "meshproxy+logs+trace1",
+    top=("telemetry:\n  access_log: {{path: {workdir}/access.log, format: json}}\n"
+         "  tracing: {{propagation: [w3c], otlp_endpoint: '{collector}', sample_rate: 0.01, "
+         "service_name: bench}}\n"))
 
 
 class Haproxy(Target):
@@ -317,7 +361,7 @@ class Nghttpx(Target):
 ALL: dict[str, Target] = {
     t.name: t
     for t in (Direct(), Meshproxy(), Haproxy(), Socat(), Nginx(), MeshproxyReload(), Caddy(),
-              Nghttpx())
+              Nghttpx(), RESILIENCE, ACCESS_LOG, *TRACING.values(), LOGS_AND_TRACING)
 }
 DEFAULT = ("direct", "meshproxy", "haproxy", "socat", "nginx")  # when a scenario names none
 
