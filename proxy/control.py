@@ -73,6 +73,20 @@ class Applied:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Supervisor -> worker: this sidecar's current SVID, for connections from now on. Sent
+    after `Setup` (once one is issued) and again on every rotation or trust bundle change."""
+
+    cert_chain_pem: bytes  # the leaf, then the intermediates
+    key_pem: bytes  # PKCS#8, unencrypted: it only travels over the control socketpair
+    bundle_pem: bytes  # the trust domain's roots, from `identity.trust_bundle`
+    spiffe_id: str
+
+    def __repr__(self) -> str:  # never log a key
+        return f"Identity(spiffe_id={self.spiffe_id!r})"
+
+
+@dataclass(frozen=True)
 class Drain:
     """Supervisor -> worker: stop accepting, finish open connections, exit."""
 

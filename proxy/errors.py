@@ -30,6 +30,22 @@ class UpstreamConnectError(ProxyError):
     code = "connect_failed"
 
 
+class UpstreamTlsError(UpstreamConnectError):
+    """mTLS to an endpoint failed: the handshake broke, timed out or was refused, or this
+    sidecar has no certificate yet. Nothing was sent to the upstream."""
+
+    status = 502
+    code = "upstream_tls_failed"
+
+
+class UpstreamIdentityError(UpstreamTlsError):
+    """The endpoint's SVID verified but names an identity the cluster does not expect
+    (`clusters[].tls.identity`): the connection is closed before a request is sent."""
+
+    status = 503
+    code = "upstream_identity_mismatch"
+
+
 class UsageError(Exception):
     """A user mistake outside the config file (bad flag, unreadable file, port in use)."""
 

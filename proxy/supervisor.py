@@ -7,6 +7,9 @@ turns 503, workers stop accepting and finish open connections up to
 `drain_timeout`, then everything exits 0. A second signal exits at once.
 A reload (PUT /config, POST /reload, SIGHUP) is validated here once and applied to
 every worker in place; workers answer telemetry snapshots, merged here for scrapes.
+With `identity` configured, the supervisor keeps the sidecar's SVID fresh (identity/
+manager.py) and sends each new one to every worker, and to each worker that starts later;
+readiness waits for the first.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from .admin import AdminApp, bind_listening_socket, serve_admin
 from .admin.endpoints import AdminEndpoints, read_token
 from .config import Config, ConfigError, FieldError, config_to_dict, load_config
 from .errors import UsageError
+from .identity.manager import IdentityManager, WorkloadSvid
 from .net.listen import bind_listener, bound_address
 from .telemetry import (
+    IdentityStats,
     LatencyWindow,
     Snapshot,
     Totals,
@@ -47,6 +52,8 @@ DRAIN_GRACE = 5.0
 SCRAPE_TIMEOUT = 2.0
 # How long a worker has to apply a new config version before it is restarted.
 APPLY_TIMEOUT = 10.0
+# How long handing a new SVID to one worker may take (a stuck worker is left out).
+IDENTITY_SEND_TIMEOUT = 5.0
 
 
 @dataclass
@@ -94,6 +101,13 @@ class Supervisor:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self._apply_lock = trio.Lock()
+        # The SVID every worker gets: sent under `_identity_lock`, which a starting worker also
+        # holds from its Setup to its first Identity, so each worker gets every version once it
+        # has its Setup, in order.
+        self.identity = (IdentityManager(config.identity, self._publish_identity)
+                         if config.identity is not None else None)
+        self._identity_message: control.Identity | None = None
+        self._identity_lock = trio.Lock()
         self.admin_app = AdminApp(read_token(config.admin.token_file))
         AdminEndpoints(self).register(self.admin_app)
         self._nursery: trio.Nursery
@@ -135,6 +149,8 @@ class Supervisor:
                 problems.append(FieldError("workers", "changing the number of workers needs a restart"))
             if config.admin != self.config.admin:
                 problems.append(FieldError("admin", "changing the admin plane needs a restart"))
+            if config.identity != self.config.identity:
+                problems.append(FieldError("identity", "changing the identity section needs a restart"))
             if problems:
                 raise ConfigError(problems)
             sockets = self._sockets_for(config)
@@ -208,6 +224,29 @@ class Supervisor:
     async def _bring_up_to_date(self, slot: WorkerSlot) -> None:
         async with self._apply_lock:
             await self._apply_to_worker(slot)
+
+    # -- identity -----------------------------------------------------------------------
+    async def _publish_identity(self, svid: WorkloadSvid) -> None:
+        """Send a new SVID (or trust bundle) to every worker up; later ones get it at start."""
+        message = control.Identity(svid.cert_chain_pem, svid.key_pem, svid.bundle_pem, svid.spiffe_id)
+        async with self._identity_lock:
+            self._identity_message = message
+            for slot in self.slots:
+                if slot.channel is None:
+                    continue
+                with trio.move_on_after(IDENTITY_SEND_TIMEOUT):
+                    try:
+                        await slot.channel.send(message)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # it died: its successor gets the SVID when it starts
+
+    def identity_stats(self) -> IdentityStats | None:
+        manager = self.identity
+        if manager is None:
+            return None
+        current = manager.current
+        return IdentityStats(expiry=current.not_after if current else None,
+                             rotations=manager.rotations, failures=manager.failures)
 
     async def collect(self) -> Snapshot:
         """Every live worker's telemetry, merged with what finished workers counted."""
@@ -283,6 +322,8 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(serve_admin, self.admin_app, [self.admin_socket])
+                if self.identity is not None:
+                    await nursery.start(self.identity.run)
                 for slot in self.slots:
                     nursery.start_soon(self._keep_running, slot)
                 nursery.start_soon(self._report_ready)
@@ -316,6 +357,8 @@ class Supervisor:
     async def _report_ready(self) -> None:
         for slot in self.slots:
             await slot.ready.wait()
+        if self.identity is not None:
+            await self.identity.loaded.wait()
         self.ready = True
         log.info("ready: %d worker(s) serving", self.worker_count)
 
@@ -392,13 +435,16 @@ class Supervisor:
             finally:
                 theirs.close()
             slot.process = process
-            slot.channel = channel = control.ControlChannel(ours)
-            slot.starts += 1
-            log.info("worker %d started (pid %d)", slot.index, process.pid)
-            try:
-                await channel.send(control.Setup(slot.index, config, fds))
-            except trio.BrokenResourceError:
-                pass  # it died at once: wait() below reaps it
+            async with self._identity_lock:
+                slot.channel = channel = control.ControlChannel(ours)
+                slot.starts += 1
+                log.info("worker %d started (pid %d)", slot.index, process.pid)
+                try:
+                    await channel.send(control.Setup(slot.index, config, fds))
+                    if self._identity_message is not None:
+                        await channel.send(self._identity_message)
+                except trio.BrokenResourceError:
+                    pass  # it died at once: wait() below reaps it
         try:
             with trio.move_on_after(READY_TIMEOUT) as scope:
                 message = await channel.receive()

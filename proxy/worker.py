@@ -3,7 +3,9 @@
 Started by the supervisor as `python -m proxy.worker --control-fd N`; receives
 its `Setup` (config and listening fds) over the control channel, reports
 `Ready`, and serves until told to drain, sent SIGTERM, or orphaned (the control
-channel closes when the supervisor dies).
+channel closes when the supervisor dies). With an `identity` configured, the
+supervisor sends each new SVID as an `Identity` message; listeners with `tls`
+terminate mTLS with it and clusters with `tls` originate it (net/tls_bridge.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import resource
 import signal
 import socket
+import ssl
 import sys
 
 import trio
@@ -22,9 +25,11 @@ from ._core import sockops
 from ._core.splice import RelayEngine
 from .config import Config, Listener
 from .http.h1proxy import Http1Proxy
+from .identity.tls import TlsContexts
 from .logs import LEVELS, setup_logging
 from .net.accept import accept_loop
 from .net.tcp_proxy import TcpProxy, run_engine
+from .net.tls_bridge import TlsBridges
 from .telemetry import WorkerStats
 from .upstream import UpstreamCluster
 
@@ -37,11 +42,12 @@ class ListenerServer:
     """Accepts on one listening fd and runs each connection as a task it owns."""
 
     def __init__(self, listener: Listener, listen_fd: int, proxy: TcpProxy | Http1Proxy,
-                 max_connections: int | None):
+                 max_connections: int | None, tls: TlsBridges):
         self.listener = listener
         self.listen_fd = listen_fd
         self.proxy = proxy
         self.max_connections = max_connections
+        self.tls = tls
         self._accepting = trio.CancelScope()
         self._connections: trio.Nursery | None = None
 
@@ -73,7 +79,17 @@ class ListenerServer:
         stats.accepted += 1
         stats.active += 1
         assert self._connections is not None
-        self._connections.start_soon(self.proxy.serve, fd)
+        if self.listener.tls is None:
+            self._connections.start_soon(self.proxy.serve, fd)
+        else:
+            self._connections.start_soon(self._serve_tls, self.proxy, self.listener, fd)
+
+    async def _serve_tls(self, proxy: TcpProxy | Http1Proxy, listener: Listener, fd: int) -> None:
+        """mTLS first, then the listener's driver on the plaintext (it sees the client's
+        identity through `tls.peer(fd)`). The tcp relay counts its bytes itself."""
+        assert listener.tls is not None
+        await self.tls.serve_downstream(fd, listener.tls.mode, proxy.serve, proxy.stats,
+                                        listener.idle_timeout, count_bytes=listener.protocol == "http")
 
     def stop_accepting(self) -> None:
         self._accepting.cancel()
@@ -93,10 +109,11 @@ class DataPlane:
     clusters keep their pools, unchanged listeners keep their sockets and connections,
     removed ones drain, new ones start accepting."""
 
-    def __init__(self, config: Config, engine: RelayEngine, stats: WorkerStats) -> None:
+    def __init__(self, config: Config, engine: RelayEngine, stats: WorkerStats, tls: TlsBridges) -> None:
         self.config = config
         self.engine = engine
         self.stats = stats
+        self.tls = tls
         self.clusters: dict[str, UpstreamCluster] = {}
         self.servers: dict[str, ListenerServer] = {}
         self._nursery: trio.Nursery | None = None
@@ -104,8 +121,10 @@ class DataPlane:
     def _handler(self, listener: Listener) -> TcpProxy | Http1Proxy:
         stats = self.stats.listeners[listener.name]
         if listener.protocol == "tcp":
-            return TcpProxy(listener, self.clusters[listener.cluster], self.engine, stats)
-        return Http1Proxy(listener, self.clusters, self.engine, stats)
+            return TcpProxy(listener, self.clusters[listener.cluster], self.engine, stats, self.tls)
+        handler = Http1Proxy(listener, self.clusters, self.engine, stats)
+        handler.tls = self.tls  # the client's verified identity: handler.tls.peer(fd)
+        return handler
 
     def _sync_clusters(self, config: Config) -> None:
         clusters = {}
@@ -114,7 +133,8 @@ class DataPlane:
             if current is not None and current.config == cluster:
                 clusters[cluster.name] = current
             else:
-                clusters[cluster.name] = UpstreamCluster(cluster, self.stats.clusters[cluster.name])
+                clusters[cluster.name] = upstream = UpstreamCluster(cluster, self.stats.clusters[cluster.name])
+                upstream.tls = self.tls  # mTLS origination for `cluster.tls`: tls.originate(fd, ids)
         for name, current in self.clusters.items():
             if clusters.get(name) is not current:
                 current.retire()
@@ -128,7 +148,7 @@ class DataPlane:
 
     async def _start_server(self, listener: Listener, fd: int) -> None:
         cap = _share(listener.max_connections, self.config.worker_count)
-        server = ListenerServer(listener, fd, self._handler(listener), cap)
+        server = ListenerServer(listener, fd, self._handler(listener), cap, self.tls)
         self.servers[listener.name] = server
         assert self._nursery is not None
         await self._nursery.start(server.serve)
@@ -214,10 +234,22 @@ class _Control:
                     for fd in fds.values():
                         sockops.close_fd(fd)
                 await self.channel.send(control.Applied(message.version))
+            elif isinstance(message, control.Identity):
+                self._use_identity(message)
             elif isinstance(message, control.Drain):
                 self._drain(message.timeout)
             else:
                 log.warning("unexpected control message %r", type(message).__name__)
+
+    def _use_identity(self, identity: control.Identity) -> None:
+        try:
+            contexts = TlsContexts.build(identity.cert_chain_pem, identity.key_pem,
+                                         identity.bundle_pem, identity.spiffe_id)
+        except (ssl.SSLError, ValueError) as exc:
+            log.error("identity %s is not usable (%s): keeping the previous one", identity.spiffe_id, exc)
+            return
+        self.plane.tls.update(contexts)
+        log.debug("identity %s in effect for new connections", identity.spiffe_id)
 
     async def watch_signals(self, signals: trio.abc.ReceiveChannel) -> None:
         # After the first SIGTERM, more must not cut open connections (the supervisor kills
@@ -238,11 +270,13 @@ async def run_worker(control_fd: int) -> None:
     config = setup.config
     engine = RelayEngine()
     stats = WorkerStats(config)
-    plane = DataPlane(config, engine, stats)
+    tls = TlsBridges()
+    plane = DataPlane(config, engine, stats, tls)
     ctl = _Control(channel, stats, plane)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as background:
             background.start_soon(run_engine, engine)
+            await background.start(tls.run)
             background.start_soon(_sweep_idle_upstreams, plane)
             background.start_soon(ctl.watch_signals, signals)
             with trio.CancelScope() as serving:

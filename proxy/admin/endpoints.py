@@ -50,7 +50,8 @@ class AdminEndpoints:
         if self.sup.draining:
             return AdminResponse.text(503, "draining\n")
         if not self.sup.ready:
-            return AdminResponse.text(503, "starting\n")
+            waiting = self.sup.identity is not None and not self.sup.identity.loaded.is_set()
+            return AdminResponse.text(503, "waiting for identity\n" if waiting else "starting\n")
         return AdminResponse.text(200, "ready\n")
 
     async def _get_live(self, request: AdminRequest) -> AdminResponse:
@@ -73,6 +74,7 @@ class AdminEndpoints:
             node=self.sup.config.node.id, config_version=self.sup.config_version, reloads_ok=self.sup.reloads_ok,
             reloads_failed=self.sup.reloads_failed, worker_restarts=self.sup.restarts,
             processes=[usage for usage in processes if usage is not None],
+            identity=self.sup.identity_stats(),
         )
         return AdminResponse(200, render_metrics(snapshot, supervisor), METRICS_CONTENT_TYPE)
 

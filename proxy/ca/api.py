@@ -2,11 +2,16 @@
 
     POST /v1/sign   {"csr": PEM, "token": "...", "ttl": "24h"?}
                     -> {"certificate", "chain", "trust_bundle", "expires"}
+    POST /v1/renew  {"csr": PEM, "ttl": "24h"?}, over TLS with the caller's current SVID as
+                    its client certificate -> the same, for the identity that SVID names
     GET  /v1/bundle -> the trust bundle (PEM)
 
-A request is checked in order: caller not rate limited (429), well-formed JSON (400), a CSR
-signed by a key we certify (400), then the token (401). The token is spent last, so a
-malformed request does not burn a one-use token.
+A sign request is checked in order: caller not rate limited (429), well-formed JSON (400), a
+CSR signed by a key we certify (400), then the token (401). The token is spent last, so a
+malformed request does not burn a one-use token. A renewal needs no token: the TLS handshake
+verified the client certificate against the trust bundle (and its validity period); it must
+be a workload SVID of this trust domain (401 otherwise). So a sidecar spends its bootstrap
+token once and renews with its key until it lets its certificate expire.
 """
 
 from __future__ import annotations
@@ -24,15 +29,18 @@ from cryptography.hazmat.primitives import serialization
 
 from ..config import Address
 from ..config.model import parse_duration
+from ..identity.spiffe import SpiffeId
+from ..identity.tls import svid_id
 from .directory import SigningCa
 from .failures import FailureLimiter
-from .svid import CsrError, checked_public_key, issue_svid, svid_lifetime
+from .svid import CsrError, SvidPublicKey, checked_public_key, issue_svid, svid_lifetime
 from .tokens import TokenStore
 
 log = logging.getLogger("meshproxy.ca")
 
 PEM_TYPE = "application/x-pem-file"
 SIGN_FIELDS = {"csr", "token", "ttl"}
+RENEW_FIELDS = {"csr", "ttl"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class ApiRequest:
     path: str
     body: bytes
     client: tuple[str, int]
+    client_cert: bytes | None = None  # DER, verified against the trust bundle in the handshake
 
 
 @dataclass(frozen=True)
@@ -71,22 +80,24 @@ class SignRequest:
     ttl: timedelta | None
 
     @classmethod
-    def parse(cls, body: bytes) -> SignRequest:
+    def parse(cls, body: bytes, *, renewal: bool = False) -> SignRequest:
+        """A sign request, or with `renewal` a renew request (no token; `token` is "")."""
         try:
             value = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("the body is not JSON") from None
         if not isinstance(value, dict):
             raise BadRequest("the body must be a JSON object")
-        unknown = sorted(set(value) - SIGN_FIELDS)
+        unknown = sorted(set(value) - (RENEW_FIELDS if renewal else SIGN_FIELDS))
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
-        for name in ("csr", "token"):
+        for name in ("csr",) if renewal else ("csr", "token"):
             if not isinstance(value.get(name), str) or not value[name]:
                 raise BadRequest(f"{name!r} must be a non-empty string")
+        token = "" if renewal else value["token"]
         ttl = value.get("ttl")
         if ttl is None:
-            return cls(value["csr"], value["token"], None)
+            return cls(value["csr"], token, None)
         if not isinstance(ttl, str):
             raise BadRequest("'ttl' must be a duration string such as '24h'")
         try:
@@ -95,7 +106,7 @@ class SignRequest:
             raise BadRequest(f"'ttl' {exc}") from None
         if seconds <= 0:
             raise BadRequest("'ttl' must be greater than 0")
-        return cls(value["csr"], value["token"], timedelta(seconds=seconds))
+        return cls(value["csr"], token, timedelta(seconds=seconds))
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -109,6 +120,7 @@ class CaApi:
         self._failures = failures
         self._routes: dict[str, dict[str, Callable[[ApiRequest], Awaitable[ApiResponse]]]] = {
             "/v1/sign": {"POST": self._sign},
+            "/v1/renew": {"POST": self._renew},
             "/v1/bundle": {"GET": self._bundle},
         }
 
@@ -146,11 +158,33 @@ class CaApi:
             self._failures.record(ip, time.monotonic())
             return ApiResponse.error(401, "bad_token", "the token is unknown, expired or used up")
 
+        return self._issue(key, identity, sign.ttl, request, "")
+
+    async def _renew(self, request: ApiRequest) -> ApiResponse:
+        if request.client_cert is None:
+            return ApiResponse.error(401, "no_client_certificate",
+                                     "renewal needs the current SVID as the TLS client certificate")
+        try:
+            identity = SpiffeId.parse(svid_id(x509.load_der_x509_certificate(request.client_cert),
+                                              self._ca.trust_domain))
+        except ValueError as exc:
+            return ApiResponse.error(401, "bad_client_certificate", str(exc))
+        try:
+            renew = SignRequest.parse(request.body, renewal=True)
+            key = checked_public_key(renew.csr)
+        except BadRequest as exc:
+            return ApiResponse.error(400, "bad_request", str(exc))
+        except CsrError as exc:
+            return ApiResponse.error(400, "bad_csr", str(exc))
+        return self._issue(key, identity, renew.ttl, request, " (renewal)")
+
+    def _issue(self, key: SvidPublicKey, identity: SpiffeId, ttl: timedelta | None,
+               request: ApiRequest, note: str) -> ApiResponse:
         issuer = self._ca.intermediate
-        cert = issue_svid(issuer, key, identity, svid_lifetime(sign.ttl), datetime.now(UTC))
+        cert = issue_svid(issuer, key, identity, svid_lifetime(ttl), datetime.now(UTC))
         expires = cert.not_valid_after_utc.isoformat().replace("+00:00", "Z")
-        log.info("issued %s serial=%x expires=%s caller=%s", identity, cert.serial_number,
-                 expires, Address(*request.client))
+        log.info("issued %s serial=%x expires=%s caller=%s%s", identity, cert.serial_number,
+                 expires, Address(*request.client), note)
         return ApiResponse.json(200, {
             "certificate": _pem(cert),
             "chain": [_pem(issuer.cert)],

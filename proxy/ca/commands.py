@@ -64,7 +64,7 @@ def serve(path: Path, address: Address) -> None:
     key_pem = serving.key.private_bytes(serialization.Encoding.PEM,
                                         serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
-    context = server_context(chain, key_pem)
+    context = server_context(chain, key_pem, client_ca_pem=ca.trust_bundle_pem)
     sock = bind(address)
     api = CaApi(ca, directory.token_store(path), FailureLimiter())
     host, port = sock.getsockname()[:2]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import tempfile
-from pathlib import Path
 
 import h11
 import trio
@@ -18,6 +16,7 @@ import trio
 from .. import __version__
 from ..config import Address
 from ..errors import UsageError
+from ..identity.tls import load_cert_chain
 from .api import ApiRequest, ApiResponse, CaApi
 
 log = logging.getLogger("meshproxy.ca")
@@ -27,17 +26,17 @@ MAX_CONNECTIONS = 256
 REQUEST_TIMEOUT = 10.0
 
 
-def server_context(cert_chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """TLS 1.2 or later with the given chain. The ssl module reads keys only from files: they
-    go through a private temporary directory that is gone when this returns."""
+def server_context(cert_chain_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None = None) -> ssl.SSLContext:
+    """TLS 1.2 or later with the given chain (loaded without the key touching a disk).
+
+    With `client_ca_pem`, a client may present a certificate (a sidecar renewing its SVID);
+    one that does not chain to those roots, or has expired, fails the handshake."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    with tempfile.TemporaryDirectory(prefix="meshproxy-ca-") as temp:  # mode 0700
-        cert_path, key_path = Path(temp, "cert.pem"), Path(temp, "key.pem")
-        cert_path.write_bytes(cert_chain_pem)
-        key_path.touch(0o600)
-        key_path.write_bytes(key_pem)
-        context.load_cert_chain(cert_path, key_path)
+    if client_ca_pem is not None:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
+    load_cert_chain(context, cert_chain_pem, key_pem)
     return context
 
 
@@ -63,7 +62,7 @@ class _TooLarge(Exception):
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
-                        client: tuple[str, int]) -> ApiRequest | None:
+                        client: tuple[str, int], client_cert: bytes | None) -> ApiRequest | None:
     head: h11.Request | None = None
     body = bytearray()
     while True:
@@ -81,7 +80,7 @@ async def _read_request(conn: h11.Connection, stream: trio.SSLStream[trio.Socket
                 raise _TooLarge
         elif isinstance(event, h11.EndOfMessage) and head is not None:
             path = head.target.decode("ascii", "replace").partition("?")[0]
-            return ApiRequest(head.method.decode("ascii"), path, bytes(body), client)
+            return ApiRequest(head.method.decode("ascii"), path, bytes(body), client, client_cert)
         elif isinstance(event, h11.ConnectionClosed):
             return None
 
@@ -102,11 +101,12 @@ async def _send(conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
 
 async def _serve_requests(api: CaApi, stream: trio.SSLStream[trio.SocketStream],
                           client: tuple[str, int]) -> None:
+    client_cert = stream.getpeercert(binary_form=True)  # verified in the handshake, or None
     conn = h11.Connection(h11.SERVER)
     while True:
         with trio.move_on_after(REQUEST_TIMEOUT) as timer:
             try:
-                request = await _read_request(conn, stream, client)
+                request = await _read_request(conn, stream, client, client_cert)
             except (h11.RemoteProtocolError, _TooLarge) as exc:
                 status, code = ((413, "too_large") if isinstance(exc, _TooLarge)
                                 else (exc.error_status_hint, "bad_http"))

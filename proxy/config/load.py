@@ -168,9 +168,14 @@ def _fields_at(loc: tuple) -> list[str]:
     model: type[BaseModel] | None = Config
     for part in loc:
         if isinstance(part, str) and model is not None:
-            field = model.model_fields.get(part)
+            field = _by_file_name(model).get(part)
             model = _model_in(field.annotation) if field else None
-    return list(model.model_fields) if model else []
+    return list(_by_file_name(model)) if model else []
+
+
+def _by_file_name(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields by the name the file uses (the alias, e.g. `from`, where one is set)."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

@@ -38,6 +38,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from ..identity.spiffe import SpiffeId
+
 FROM_TEXT = {"from_text": True}
 
 Problem = tuple[tuple[str | int, ...], str]  # (location, message)
@@ -46,6 +48,9 @@ Problem = tuple[tuple[str | int, ...], str]  # (location, message)
 SEMANTIC = "semantic"
 
 MAX_WORKERS = 256
+# The lifetimes a sidecar may ask its certificates for (the CA caps them at 7 days).
+MIN_SVID_TTL = 2.0
+MAX_SVID_TTL = 7 * 86400.0
 HASH_LB = ("ring_hash", "maglev")
 
 
@@ -283,6 +288,40 @@ HeaderName = Annotated[StrictStr, AfterValidator(_header_name)]
 CookieName = Annotated[StrictStr, AfterValidator(_cookie_name)]
 
 
+# -- SPIFFE IDs ------------------------------------------------------------------------------
+
+
+def _workload_id(value: str) -> str:
+    """A workload's SPIFFE ID, e.g. spiffe://mesh.local/ns/default/sa/web."""
+    try:
+        spiffe_id = SpiffeId.parse(value)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    if not spiffe_id.path:
+        raise invalid(f"{value!r} names a trust domain, not a workload (add a path)")
+    return value
+
+
+def _principal(value: str) -> str:
+    """Who a policy rule is about: an exact SPIFFE ID, every ID under a prefix
+    ("spiffe://mesh.local/ns/default/*"), or "*" for any verified identity."""
+    if value == "*":
+        return value
+    if value.endswith("/*"):
+        try:
+            SpiffeId.parse(value[:-2])
+        except ValueError as exc:
+            raise invalid(f"a prefix is a SPIFFE ID followed by '/*': {exc}") from None
+        return value
+    if "*" in value:
+        raise invalid(f"'*' is only allowed alone or as a final '/*', got {describe(value)}")
+    return _workload_id(value)
+
+
+WorkloadId = Annotated[StrictStr, AfterValidator(_workload_id)]
+Principal = Annotated[StrictStr, AfterValidator(_principal)]
+
+
 # -- the model -------------------------------------------------------------------------------
 
 
@@ -396,6 +435,26 @@ class HealthCheck(_Model):
         return self
 
 
+class ClusterTls(_Model):
+    """`clusters[].tls`: originate mTLS to every endpoint with this sidecar's SVID, and accept
+    an upstream only if its SVID names one of `identity` (one ID or a list)."""
+
+    identity: Annotated[tuple[WorkloadId, ...], Field(min_length=1)]
+
+    @field_validator("identity", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("identity")
+    @classmethod
+    def _no_repeats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, name in enumerate(value):
+            if name in value[:i]:
+                raise _errors("ClusterTls", [((i,), f"{name!r} is listed twice")])
+        return value
+
+
 class Cluster(_Model):
     name: Name
     endpoints: Annotated[tuple[Endpoint, ...], Field(min_length=1)]
@@ -407,6 +466,7 @@ class Cluster(_Model):
     circuit_breaker: CircuitLimits | None = None
     outlier_detection: OutlierDetection | None = None
     health_check: HealthCheck | None = None
+    tls: ClusterTls | None = None  # needs the top-level `identity`
 
     @model_validator(mode="after")
     def _hash_on_for_hash_lb(self) -> Cluster:
@@ -627,6 +687,45 @@ class HttpLimits(_Model):
     max_headers: Annotated[StrictInt, Field(ge=1, le=10000)] = 100  # more fields: 431
 
 
+class ListenerTls(_Model):
+    """`listeners[].tls`: terminate mTLS with this sidecar's SVID. `strict` takes TLS clients
+    only; `permissive` also takes plaintext on the same port, told apart by the first byte.
+    A TLS client must present an SVID that chains to the trust bundle in either mode."""
+
+    mode: Literal["strict", "permissive"] = "strict"
+
+
+class PolicyMatch(_Model):
+    """What one policy rule matches; every field given must match (none: everything).
+    `from` lists SPIFFE IDs, prefixes ending in '/*', or '*' (any verified identity);
+    `methods` and `prefix` (a plain path prefix, as in routes) are for http listeners."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", serialize_by_alias=True)
+
+    from_: Annotated[tuple[Principal, ...], Field(min_length=1)] | None = Field(None, alias="from")
+    methods: Annotated[tuple[Method, ...], Field(min_length=1)] | None = None
+    prefix: PathPattern | None = None
+
+
+class PolicyRule(_Model):
+    """One entry of `listeners[].policy`: `{allow: {...}}` or `{deny: {...}}`."""
+
+    allow: PolicyMatch | None = None
+    deny: PolicyMatch | None = None
+
+    @model_validator(mode="after")
+    def _allow_or_deny(self) -> PolicyRule:
+        if (self.allow is None) == (self.deny is None):
+            raise _errors("PolicyRule", [((), "set exactly one of allow or deny")])
+        return self
+
+    @property
+    def match(self) -> PolicyMatch:
+        match = self.allow if self.allow is not None else self.deny
+        assert match is not None  # the validator guarantees one
+        return match
+
+
 class Listener(_Model):
     name: Name
     address: ListenAddress
@@ -637,6 +736,8 @@ class Listener(_Model):
     idle_timeout: Duration = 3600.0
     splice: StrictBool = True  # tcp only: False copies with recv/send instead of splice(2)
     limits: HttpLimits | None = None  # http only; None means the defaults
+    tls: ListenerTls | None = None  # needs the top-level `identity`
+    policy: tuple[PolicyRule, ...] = ()  # deny rules win; once one allow exists, the rest is denied
 
     @model_validator(mode="after")
     def _protocol_shape(self) -> Listener:
@@ -653,9 +754,45 @@ class Listener(_Model):
                 problems.append((("cluster",), "not allowed on http listeners (set it on a route)"))
             if not self.routes:
                 problems.append((("routes",), "http listeners need at least one route"))
+        problems += self._policy_problems()
         if problems:
             raise _errors("Listener", problems)
         return self
+
+    def _policy_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        for i, rule in enumerate(self.policy):
+            kind = "allow" if rule.allow is not None else "deny"
+            match = rule.match
+            if self.protocol == "tcp":
+                for name in ("methods", "prefix"):
+                    if getattr(match, name) is not None:
+                        problems.append((("policy", i, kind, name), "only for http listeners"))
+            if match.from_ is not None and self.tls is None:
+                message = "needs tls on this listener: without mTLS no client has an identity"
+                problems.append((("policy", i, kind, "from"), message))
+        return problems
+
+
+class Identity(_Model):
+    """`identity`: this sidecar's SPIFFE identity, issued by `meshproxy ca serve` at `ca`.
+
+    The bootstrap token in `token_file` names the identity; `trust_bundle` holds the roots
+    that peers' certificates (and the CA's) must chain to, re-read when the file changes.
+    Certificates are asked for with lifetime `ttl` and renewed at about half of it."""
+
+    ca: UpstreamAddress
+    token_file: Annotated[StrictStr, Field(min_length=1)]
+    trust_bundle: Annotated[StrictStr, Field(min_length=1)]
+    ttl: Duration = 86400.0
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl_range(cls, value: float) -> float:
+        if not MIN_SVID_TTL <= value <= MAX_SVID_TTL:
+            raise invalid(f"must be from {format_duration(MIN_SVID_TTL)} to "
+                          f"{format_duration(MAX_SVID_TTL)}, got {format_duration(value)}")
+        return value
 
 
 def _workers(value: Any) -> int | Literal["auto"]:
@@ -672,6 +809,7 @@ class Config(_Model):
     drain_timeout: Duration = 30.0
     listeners: Annotated[tuple[Listener, ...], Field(min_length=1)]
     clusters: tuple[Cluster, ...] = ()
+    identity: Identity | None = None
 
     @property
     def worker_count(self) -> int:
@@ -705,7 +843,8 @@ class Config(_Model):
 
 
 def semantic_problems(data: Any) -> list[Problem]:
-    """Duplicate names, clashing listen addresses and unknown clusters, as (loc, message)."""
+    """Duplicate names, clashing listen addresses, unknown clusters and tls without an
+    identity, as (loc, message)."""
     listeners = _entries(data, "listeners")
     clusters = _entries(data, "clusters")
     problems = _duplicate_names(("listeners",), listeners, "listener")
@@ -718,6 +857,12 @@ def semantic_problems(data: Any) -> list[Problem]:
     for loc, name in _cluster_references(listeners):
         if isinstance(name, str) and name not in known:
             problems.append((loc, f"unknown cluster {name!r}{suggest(name, known)}"))
+    if not (isinstance(data, Mapping) and data.get("identity") is not None):
+        for what, entries in (("listeners", listeners), ("clusters", clusters)):
+            for i, entry in entries:
+                if entry.get("tls") is not None:
+                    message = "needs the top-level identity section (this sidecar's certificate)"
+                    problems.append(((what, i, "tls"), message))
     return problems
 
 

@@ -1,8 +1,10 @@
 """A sidecar's side of identity issuance: a key that never leaves memory, its CSR, and the
-request that trades CSR + bootstrap token for an X.509-SVID from `meshproxy ca serve`.
+requests that trade a CSR for an X.509-SVID from `meshproxy ca serve`: the first with the
+bootstrap token (`request_svid`), later ones with the current SVID as the TLS client
+certificate (`renew_svid`), so a one-use token is enough for a sidecar's whole life.
 
-The CSR carries only the public key: the CA takes the identity from the token. Timeouts
-are the caller's (wrap `request_svid` in `trio.fail_after`).
+The CSR carries only the public key: the CA takes the identity from the token or from the
+current SVID. Timeouts are the caller's (wrap the requests in `trio.fail_after`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..config import Address
 from ..config.model import format_duration
+from .tls import load_cert_chain
 
 MAX_REPLY = 256 * 1024
 
@@ -53,6 +56,11 @@ def _client_context(trust_bundle_pem: bytes) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=trust_bundle_pem.decode("ascii"))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 async def _post(ca: Address, context: ssl.SSLContext, path: str, body: bytes) -> tuple[int, bytes]:
@@ -89,11 +97,27 @@ async def request_svid(ca: Address, token: str, trust_bundle_pem: bytes,
     why (ssl.SSLCertVerificationError when the CA's certificate does not chain to the bundle).
     """
     request: dict[str, str] = {"csr": build_csr(key).decode("ascii"), "token": token}
+    return await _exchange(ca, _client_context(trust_bundle_pem), "/v1/sign", request, key, ttl)
+
+
+async def renew_svid(ca: Address, trust_bundle_pem: bytes, current_chain_pem: bytes,
+                     current_key: ec.EllipticCurvePrivateKey, key: ec.EllipticCurvePrivateKey,
+                     ttl: float | None = None) -> Svid:
+    """A new SVID for `key`, for the identity of the current one (`current_chain_pem`, leaf
+    first, with its `current_key`), which authenticates the request as the TLS client
+    certificate. Raises like `request_svid`; an expired current SVID fails the handshake."""
+    context = _client_context(trust_bundle_pem)
+    load_cert_chain(context, current_chain_pem, _key_pem(current_key))
+    request = {"csr": build_csr(key).decode("ascii")}
+    return await _exchange(ca, context, "/v1/renew", request, key, ttl)
+
+
+async def _exchange(ca: Address, context: ssl.SSLContext, path: str, request: dict[str, str],
+                    key: ec.EllipticCurvePrivateKey, ttl: float | None) -> Svid:
     if ttl is not None:
         request["ttl"] = format_duration(ttl)
     try:
-        status, body = await _post(ca, _client_context(trust_bundle_pem), "/v1/sign",
-                                   json.dumps(request).encode())
+        status, body = await _post(ca, context, path, json.dumps(request).encode())
     except h11.ProtocolError as exc:
         raise SvidRequestError(f"the CA spoke broken HTTP: {exc}") from None
     try:

@@ -6,6 +6,11 @@ connection. Once both fds are open the bytes are moved by the worker's
 sleeps until the relay finishes or goes idle. A FIN in one direction is passed
 on while the other keeps flowing; a reset on either side is passed on as a
 reset to the other; `idle_timeout` with no bytes either way closes both.
+
+With mTLS (`tls` on the listener or the cluster) the relay runs on the plaintext ends of
+TLS bridges (net/tls_bridge.py): splice cannot read TLS, the bridge does the copying. A
+listener's `policy` is enforced here, once per connection, by the client's verified
+identity (none for a plaintext client): a denied client is closed at once.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from .._core import sockops
 from .._core.splice import Relay, RelayEngine, monotonic
 from ..config import Listener
 from ..errors import UpstreamConnectError
+from ..policy import Policy
 from ..telemetry import ListenerStats
 from .connect import connect
 
 if TYPE_CHECKING:
     from ..upstream import UpstreamCluster
+    from .tls_bridge import TlsBridges
 
 log = logging.getLogger("meshproxy.tcp")
 
@@ -52,9 +59,10 @@ class TcpProxy:
     """Serves the connections of one tcp listener in one worker."""
 
     def __init__(self, listener: Listener, cluster: UpstreamCluster, engine: RelayEngine,
-                 stats: ListenerStats) -> None:
+                 stats: ListenerStats, tls: TlsBridges | None = None) -> None:
         self.engine = engine
         self.stats = stats
+        self.tls = tls  # the worker's TLS bridges: client identities, mTLS to the cluster
         self.update(listener, cluster)
 
     def update(self, listener: Listener, cluster: UpstreamCluster) -> None:
@@ -62,6 +70,8 @@ class TcpProxy:
         self.listener = listener
         self.cluster = cluster.config
         self.balancer = cluster.balancer
+        self.policy = Policy.compile(listener.policy, self.stats)
+        self.upstream_ids = cluster.config.tls.identity if cluster.config.tls is not None else None
         hash_on = cluster.config.hash_on
         # Only the source address exists at L4; header/cookie keys fall back to random.
         self.hash_source_ip = hash_on is not None and bool(hash_on.source_ip)
@@ -79,6 +89,8 @@ class TcpProxy:
         endpoint = -1
         reset_fd = -1
         try:
+            if not self.policy.empty and not self._allowed(client_fd):
+                return
             try:
                 upstream_fd, endpoint, connect_time = await self._connect(client_fd)
             except UpstreamConnectError as exc:
@@ -99,11 +111,25 @@ class TcpProxy:
                 elif fd >= 0:
                     sockops.close_fd(fd)
 
+    def _allowed(self, client_fd: int) -> bool:
+        peer = self.tls.peer(client_fd) if self.tls is not None else None
+        identity = peer.identity if peer is not None else None
+        if self.policy.decide(identity):
+            return True
+        log.debug("%s: policy denies %s", self.listener.name, identity or "a client without identity")
+        return False
+
+    def _client_ip(self, client_fd: int) -> str:
+        peer = self.tls.peer(client_fd) if self.tls is not None else None
+        return peer.ip if peer is not None else sockops.peer_ip(client_fd)
+
     async def _connect(self, client_fd: int) -> tuple[int, int, float]:
-        """(fd, endpoint index, seconds the connect took), trying endpoints in turn."""
+        """(fd, endpoint index, seconds the connect took), trying endpoints in turn. With
+        `tls` on the cluster the fd is the plaintext end of an mTLS connection whose peer
+        is one of the cluster's identities (a refused one counts as a failed connect)."""
         endpoints = self.cluster.endpoints
         timeout = self.cluster.connect_timeout
-        key = sockops.peer_ip(client_fd).encode() if self.hash_source_ip else None
+        key = self._client_ip(client_fd).encode() if self.hash_source_ip else None
         tried: list[int] = []
         last_error: UpstreamConnectError | None = None
         for _ in range(min(len(endpoints), MAX_CONNECT_ATTEMPTS)):
@@ -112,6 +138,8 @@ class TcpProxy:
             started = monotonic()
             try:
                 fd = await connect(endpoints[index].address, timeout)
+                if self.upstream_ids is not None and self.tls is not None:
+                    fd = await self.tls.originate(fd, self.upstream_ids)
                 return fd, index, monotonic() - started
             except UpstreamConnectError as exc:
                 log.debug("%s: %s", self.listener.name, exc)

@@ -7,7 +7,7 @@ supervisor keeps `Totals` over worker restarts and renders /metrics and /stats/l
 from .._core.tally import record_request  # in C: the per-request cost
 from .latency import Histograms, LatencyWindow, hgrm, latency_json, select
 from .process import ProcessUsage, read_process_usage
-from .prometheus import CONTENT_TYPE, SupervisorStats, render_metrics
+from .prometheus import CONTENT_TYPE, IdentityStats, SupervisorStats, render_metrics
 from .snapshot import Snapshot, Totals, merge
 from .stats import (
     UNROUTED,
@@ -25,6 +25,7 @@ __all__ = [
     "ClusterStats",
     "EndpointStats",
     "Histograms",
+    "IdentityStats",
     "LatencyWindow",
     "ListenerStats",
     "ProcessUsage",

@@ -17,6 +17,10 @@ Families, all prefixed `meshproxy_`:
   `upstream_connect_failures_total`, `upstream_retries_total`, `upstream_duration_seconds`
   (histogram, request sent to response head), and per endpoint
   `upstream_endpoint_requests_total`, `_errors_total`, `upstream_endpoint_requests_active`;
+- mTLS and authorization, per listener: `downstream_tls_handshakes_total{result="ok|failed"}`,
+  `authz_decisions_total{decision="allow|deny"}`;
+- identity (with `identity` configured): `identity_cert_expiry_seconds` (unix time),
+  `identity_rotations_total`, `identity_failures_total`;
 - the supervisor: `info{node,version}`, `config_version`, `config_reloads_total{result}`,
   `worker_restarts_total`, and per process (`process="supervisor|worker-N"`)
   `process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_open_fds`.
@@ -65,6 +69,15 @@ _CLASS_LABELS = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"]  # by status // 100
 
 
 @dataclass(frozen=True)
+class IdentityStats:
+    """The sidecar's SVID: when it expires, how often it was renewed and how often that failed."""
+
+    expiry: float | None  # unix time; None until the first SVID
+    rotations: int
+    failures: int
+
+
+@dataclass(frozen=True)
 class SupervisorStats:
     """What only the supervisor knows, for one scrape."""
 
@@ -74,6 +87,7 @@ class SupervisorStats:
     reloads_failed: int
     worker_restarts: int
     processes: Sequence[ProcessUsage] = ()
+    identity: IdentityStats | None = None  # with `identity` configured
 
 
 def render_metrics(snapshot: Snapshot, supervisor: SupervisorStats) -> bytes:
@@ -127,6 +141,8 @@ class _SnapshotCollector(Collector):
             rss.add_metric([process.name], process.resident_bytes)
             fds.add_metric([process.name], process.open_fds)
         yield from (cpu, rss, fds)
+        if sup.identity is not None:
+            yield from _identity(sup.identity)
 
     def _downstream(self) -> Iterator[Metric]:
         labels = ["listener"]
@@ -143,6 +159,12 @@ class _SnapshotCollector(Collector):
         failed = CounterMetricFamily("meshproxy_downstream_connection_errors",
                                      "TCP listener connections that ended badly, by reason.",
                                      labels=["listener", "reason"])
+        handshakes = CounterMetricFamily("meshproxy_downstream_tls_handshakes", "mTLS handshakes "
+                                         "of clients: peer SVID accepted (ok) or refused (failed).",
+                                         labels=["listener", "result"])
+        decisions = CounterMetricFamily("meshproxy_authz_decisions", "Policy decisions: tcp "
+                                        "connections or http requests allowed or denied.",
+                                        labels=["listener", "decision"])
         for name, listener in self.snapshot.listeners.items():
             accepted.add_metric([name], listener.accepted)
             active.add_metric([name], listener.active)
@@ -153,7 +175,11 @@ class _SnapshotCollector(Collector):
                 failed.add_metric([name, "connect_failed"], listener.connect_failures)
                 failed.add_metric([name, "reset"], listener.resets)
                 failed.add_metric([name, "idle_timeout"], listener.idle_timeouts)
-        yield from (accepted, active, rejected, transferred, failed)
+            handshakes.add_metric([name, "ok"], listener.tls_handshakes)
+            handshakes.add_metric([name, "failed"], listener.tls_failures)
+            decisions.add_metric([name, "allow"], listener.authz_allowed)
+            decisions.add_metric([name, "deny"], listener.authz_denied)
+        yield from (accepted, active, rejected, transferred, failed, handshakes, decisions)
 
     def _requests(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("meshproxy_requests", "Requests by listener, route and the "
@@ -212,6 +238,16 @@ class _SnapshotCollector(Collector):
                 endpoint_active.add_metric([name, address], endpoint.active)
         yield from (requests, errors, opened, pool, connect_failures, retries, duration,
                     endpoint_requests, endpoint_errors, endpoint_active)
+
+
+def _identity(identity: IdentityStats) -> Iterator[Metric]:
+    if identity.expiry is not None:
+        yield GaugeMetricFamily("meshproxy_identity_cert_expiry_seconds", "When this sidecar's "
+                                "certificate expires (unix time).", value=identity.expiry)
+    yield CounterMetricFamily("meshproxy_identity_rotations", "Certificates that replaced an "
+                              "earlier one.", value=identity.rotations)
+    yield CounterMetricFamily("meshproxy_identity_failures", "Requests to the CA that got no "
+                              "certificate.", value=identity.failures)
 
 
 def _by_class(family: CounterMetricFamily, key: list[str], by_class: list[int]) -> None:

@@ -35,10 +35,12 @@ STATUS_CLASSES = 6  # none, 1xx .. 5xx
 
 class ListenerStats:
     """One listener's downstream connections. For tcp listeners also how connections ended
-    badly: no upstream could be reached, a reset, the idle timeout."""
+    badly: no upstream could be reached, a reset, the idle timeout. With `tls`, the mTLS
+    handshakes that succeeded and failed; with a `policy`, its decisions."""
 
-    __slots__ = ("accepted", "active", "bytes_from_clients", "bytes_to_clients", "connect_failures",
-                 "idle_timeouts", "protocol", "rejected", "resets", "routes")
+    __slots__ = ("accepted", "active", "authz_allowed", "authz_denied", "bytes_from_clients",
+                 "bytes_to_clients", "connect_failures", "idle_timeouts", "protocol", "rejected",
+                 "resets", "routes", "tls_failures", "tls_handshakes")
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
@@ -50,6 +52,10 @@ class ListenerStats:
         self.connect_failures = 0  # tcp: clients closed because no endpoint answered
         self.resets = 0
         self.idle_timeouts = 0
+        self.tls_handshakes = 0  # mTLS clients whose SVID was accepted
+        self.tls_failures = 0  # handshakes refused: no or bad certificate, not TLS, timeout
+        self.authz_allowed = 0  # policy decisions (connections on tcp, requests on http)
+        self.authz_denied = 0
         self.routes: dict[str, RouteStats] = {}  # http: route name -> stats, UNROUTED included
 
 

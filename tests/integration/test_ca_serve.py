@@ -33,10 +33,12 @@ from proxy.identity import (
     SvidRequestError,
     build_csr,
     generate_key,
+    renew_svid,
     request_svid,
 )
 
 from .support import HOST, free_port, meshproxy_command, run_cli, wait_for
+from .svid_certs import MemoryCa
 
 DOMAIN = "mesh.local"
 WEB = f"spiffe://{DOMAIN}/ns/default/sa/web"
@@ -319,3 +321,58 @@ async def test_request_svid_gets_a_verified_svid_and_reports_refusals(ca):
     with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as broken:
         await request_svid(address, ca.token(API), svid.cert_pem, key)
     assert isinstance(broken.value.__cause__, ssl.SSLCertVerificationError)
+
+
+# -- renewal ---------------------------------------------------------------------------------
+
+
+async def test_renew_svid_trades_the_current_svid_for_a_new_one_without_a_token(ca):
+    bundle = ca.bundle.read_bytes()
+    address = Address(*ca.address)
+    first_key = generate_key()
+    with trio.fail_after(10):
+        first = await request_svid(address, ca.token(WEB), bundle, first_key, ttl=600)
+    chain = first.cert_pem + b"".join(first.chain_pems)
+    second_key = generate_key()
+    with trio.fail_after(10):
+        second = await renew_svid(address, bundle, chain, first_key, second_key, ttl=1200)
+    cert = _verified(ca, {"certificate": second.cert_pem.decode(),
+                          "chain": [pem.decode() for pem in second.chain_pems],
+                          "trust_bundle": second.bundle_pem.decode()})
+    assert _uris(cert) == [WEB]
+    assert cert.public_key() == second_key.public_key()
+    assert timedelta(minutes=19) < second.not_after - datetime.now(UTC) <= timedelta(minutes=20)
+    assert f"issued {WEB} serial={cert.serial_number:x}" in ca.log.read_text()
+    assert "(renewal)" in ca.log.read_text()
+
+
+def test_renewal_needs_a_client_certificate_that_is_a_workload_svid(ca, tmp_path):
+    csr = build_csr(generate_key()).decode()
+    status, _, body = ca.request("POST", "/v1/renew", json.dumps({"csr": csr}).encode())
+    assert status == 401 and json.loads(body)["error"] == "no_client_certificate"
+
+    signer = MemoryCa.from_dir(ca.dir)
+
+    def renew_with(chain: bytes, key: bytes) -> tuple[int, dict]:
+        (tmp_path / "chain.pem").write_bytes(chain)
+        (tmp_path / "key.pem").write_bytes(key)
+        context = ssl.create_default_context(cafile=ca.bundle)
+        context.load_cert_chain(tmp_path / "chain.pem", tmp_path / "key.pem")
+        conn = http.client.HTTPSConnection(*ca.address, context=context, timeout=5)
+        try:
+            conn.request("POST", "/v1/renew", body=json.dumps({"csr": csr, "token": "x"}).encode())
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    status, reply = renew_with(*signer.svid(WEB))
+    assert status == 400 and "token" in reply["message"]  # renewals take no token
+    status, reply = renew_with(*signer.svid(WEB, uris=[WEB, API]))
+    assert status == 401 and reply["error"] == "bad_client_certificate"
+    status, reply = renew_with(*signer.svid(WEB, ca=True))
+    assert status == 401 and "CA" in reply["message"]
+    # An expired SVID, or one from another CA, does not get through the handshake.
+    for chain, key in (signer.svid(WEB, expired=True), MemoryCa("mesh.local").svid(WEB)):
+        with pytest.raises(OSError):  # the handshake's alert: an SSLError, or a reset
+            renew_with(chain, key)

@@ -89,6 +89,8 @@ def test_public_surface():
         # outlier_detection, health_check
         "Retry", "Backoff", "RetryBudget", "Fault", "FaultDelay", "FaultAbort", "RateLimit",
         "Mirror", "CircuitLimits", "OutlierDetection", "HealthCheck",
+        # identity: identity; listeners[].tls, policy; clusters[].tls
+        "Identity", "ListenerTls", "PolicyRule", "PolicyMatch", "ClusterTls",
     }
 
 
