@@ -14,6 +14,7 @@ readiness waits for the first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -115,6 +116,18 @@ class Supervisor:
         self._exit_after_drain = False
 
     # -- admin handlers -------------------------------------------------
+    def reopen_logs(self) -> int:
+        """SIGUSR1 or POST /logs/reopen: every worker reopens its access log file (after a
+        rotation moved it). Returns how many workers were told."""
+        told = 0
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGUSR1)
+                    told += 1
+        return told
+
     # -- reload -----------------------------------------------------------
     async def reload_from_file(self) -> None:
         """SIGHUP: re-read the config file; a bad one is logged and changes nothing."""
@@ -318,7 +331,7 @@ class Supervisor:
             __version__, self.config.node.id, self.worker_count, listeners, *admin_address,
         )
         exit_code = 0
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(serve_admin, self.admin_app, [self.admin_socket])
@@ -330,6 +343,9 @@ class Supervisor:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         nursery.start_soon(self.reload_from_file)
+                        continue
+                    if signum == signal.SIGUSR1:
+                        self.reopen_logs()
                         continue
                     if self.draining:
                         log.warning("%s again: exiting now", signal.Signals(signum).name)

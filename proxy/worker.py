@@ -23,15 +23,20 @@ import trio
 from . import control
 from ._core import sockops
 from ._core.splice import RelayEngine
-from .config import Config, Listener
+from .config import Config, Listener, Telemetry
 from .http.h1proxy import Http1Proxy
+from .http.observe import Observer, Tracing
 from .identity.tls import TlsContexts
+from .log_sink import AccessLogSink
 from .logs import LEVELS, setup_logging
 from .net.accept import accept_loop
 from .net.tcp_proxy import TcpProxy, run_engine
 from .net.tls_bridge import TlsBridges
 from .telemetry import WorkerStats
+from .telemetry.access_log import AccessLogFilter, compile_format
+from .tracing.exporter import SpanExporter
 from .upstream import UpstreamCluster
+from .upstream.health_check import run_health_checks
 
 log = logging.getLogger("meshproxy.worker")
 
@@ -103,6 +108,68 @@ def _share(limit: int | None, workers: int) -> int | None:
     return max(1, -(-limit // workers))
 
 
+class TelemetryRuntime:
+    """The worker's access log sink and span exporter for `config.telemetry`, each a task
+    of its own; a reload that changes `telemetry` starts new ones and lets the old ones
+    flush and stop."""
+
+    def __init__(self) -> None:
+        self.config: Telemetry | None = None
+        self.node = ""
+        self.sink: AccessLogSink | None = None
+        self._stop: list[trio.CancelScope] = []
+        self._observer_parts: tuple | None = None  # (sink, format, filter, tracing) or None
+
+    async def apply(self, config: Config, nursery: trio.Nursery) -> bool:
+        """Bring the sink and exporter in line with `config`; True when they changed."""
+        telemetry = config.telemetry
+        if telemetry == self.config and config.node.id == self.node:
+            return False
+        stopping, self._stop = self._stop, []
+        sink = None
+        self._observer_parts = None
+        log_config, trace_config = telemetry.access_log, telemetry.tracing
+        if log_config is not None:
+            sink = AccessLogSink(log_config.path)
+            try:
+                await nursery.start(self._run, sink.run)
+            except OSError as exc:
+                log.error("telemetry.access_log.path: cannot open %s (%s): no access log",
+                          log_config.path, exc.strerror)
+                sink = None
+        tracing = None
+        if trace_config is not None:
+            exporter = SpanExporter(trace_config.otlp_endpoint, trace_config.service_name or config.node.id,
+                                    encoding=trace_config.encoding)
+            await nursery.start(self._run, exporter.run)
+            tracing = Tracing(trace_config.propagation, trace_config.sample_rate, exporter)
+        if log_config is not None or tracing is not None:
+            fmt = compile_format(log_config.format if log_config is not None else "json")
+            keep = (AccessLogFilter(log_config.sample_rate, log_config.only, log_config.min_status)
+                    if log_config is not None else AccessLogFilter())
+            self._observer_parts = (sink, fmt, keep, tracing)
+        self.config, self.node, self.sink = telemetry, config.node.id, sink
+        for scope in stopping:
+            scope.cancel()  # the old sink and exporter flush what they hold as they stop
+        return True
+
+    async def _run(self, run, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._stop.append(scope)
+            await run(task_status=task_status)
+
+    def observer(self, listener: str) -> Observer | None:
+        """What a listener's handler reports its requests to; None when nothing is observed."""
+        if self._observer_parts is None:
+            return None
+        return Observer(listener, *self._observer_parts)
+
+    def reopen(self) -> None:
+        """SIGUSR1: reopen the access log file (it was rotated)."""
+        if self.sink is not None:
+            self.sink.reopen()
+
+
 class DataPlane:
     """The assembly point: listeners, their handlers and the clusters they share, for
     the config version in effect. `apply` moves to a new version in place: unchanged
@@ -114,16 +181,22 @@ class DataPlane:
         self.engine = engine
         self.stats = stats
         self.tls = tls
+        self.telemetry = TelemetryRuntime()
         self.clusters: dict[str, UpstreamCluster] = {}
         self.servers: dict[str, ListenerServer] = {}
         self._nursery: trio.Nursery | None = None
+        self._background: trio.Nursery | None = None  # health checks, log sink, span exporter
+        self._health_checks: dict[str, trio.CancelScope] = {}  # cluster name -> its checker
 
     def _handler(self, listener: Listener) -> TcpProxy | Http1Proxy:
         stats = self.stats.listeners[listener.name]
+        handler: TcpProxy | Http1Proxy
         if listener.protocol == "tcp":
-            return TcpProxy(listener, self.clusters[listener.cluster], self.engine, stats, self.tls)
-        handler = Http1Proxy(listener, self.clusters, self.engine, stats)
-        handler.tls = self.tls  # the client's verified identity: handler.tls.peer(fd)
+            handler = TcpProxy(listener, self.clusters[listener.cluster], self.engine, stats, self.tls)
+        else:
+            handler = Http1Proxy(listener, self.clusters, self.engine, stats)
+            handler.tls = self.tls  # the client's verified identity: handler.tls.peer(fd)
+        handler.observer = self.telemetry.observer(listener.name)
         return handler
 
     def _sync_clusters(self, config: Config) -> None:
@@ -135,13 +208,37 @@ class DataPlane:
             else:
                 clusters[cluster.name] = upstream = UpstreamCluster(cluster, self.stats.clusters[cluster.name])
                 upstream.tls = self.tls  # mTLS origination for `cluster.tls`: tls.originate(fd, ids)
+                self._start_health_checks(upstream)
         for name, current in self.clusters.items():
             if clusters.get(name) is not current:
                 current.retire()
+                scope = self._health_checks.pop(name, None)
+                if scope is not None and clusters.get(name) is None:
+                    scope.cancel()
         self.clusters = clusters
 
-    async def start(self, nursery: trio.Nursery, listener_fds: dict[str, int]) -> None:
+    def _start_health_checks(self, upstream: UpstreamCluster) -> None:
+        """Active checks for a cluster with `health_check`, replacing those of the cluster
+        it replaces; the verdicts go to the cluster, which keeps traffic off failing endpoints."""
+        previous = self._health_checks.pop(upstream.name, None)
+        if previous is not None:
+            previous.cancel()
+        if upstream.config.health_check is None or self._background is None:
+            return
+        scope = trio.CancelScope()
+        self._health_checks[upstream.name] = scope
+        self._background.start_soon(self._check_health, upstream, scope)
+
+    @staticmethod
+    async def _check_health(upstream: UpstreamCluster, scope: trio.CancelScope) -> None:
+        with scope:
+            await run_health_checks(upstream.config, upstream)
+
+    async def start(self, nursery: trio.Nursery, background: trio.Nursery,
+                    listener_fds: dict[str, int]) -> None:
         self._nursery = nursery
+        self._background = background
+        await self.telemetry.apply(self.config, background)
         self._sync_clusters(self.config)
         for listener in self.config.listeners:
             await self._start_server(listener, listener_fds[listener.name])
@@ -155,6 +252,8 @@ class DataPlane:
 
     async def apply(self, config: Config, new_fds: dict[str, int]) -> None:
         self.stats.ensure(config)
+        assert self._background is not None
+        observers_changed = await self.telemetry.apply(config, self._background)
         self._sync_clusters(config)
         self.config = config
         wanted = {listener.name: listener for listener in config.listeners}
@@ -173,10 +272,13 @@ class DataPlane:
             if changed_protocol:
                 # Same socket, new kind of handler; open connections keep the old one.
                 server.proxy = self._handler(listener)
-            elif listener.protocol == "tcp":
+                continue
+            if listener.protocol == "tcp":
                 server.proxy.update(listener, self.clusters[listener.cluster])
             else:
                 server.proxy.update(listener, self.clusters)
+            if observers_changed:
+                server.proxy.observer = self.telemetry.observer(listener.name)
 
     def stop_accepting(self) -> None:
         for server in self.servers.values():
@@ -188,6 +290,14 @@ class DataPlane:
     def close(self) -> None:
         for cluster in self.clusters.values():
             cluster.close()
+
+
+async def _reopen_logs(plane: DataPlane, signals: trio.abc.ReceiveChannel) -> None:
+    """SIGUSR1 (sent by the supervisor on its own SIGUSR1 or POST /logs/reopen): the access
+    log was rotated; write on to a new file at its path."""
+    async for _ in signals:
+        log.info("reopening the access log")
+        plane.telemetry.reopen()
 
 
 async def _sweep_idle_upstreams(plane: DataPlane) -> None:
@@ -273,15 +383,17 @@ async def run_worker(control_fd: int) -> None:
     tls = TlsBridges()
     plane = DataPlane(config, engine, stats, tls)
     ctl = _Control(channel, stats, plane)
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM) as signals, \
+            trio.open_signal_receiver(signal.SIGUSR1) as reopen_signals:
         async with trio.open_nursery() as background:
             background.start_soon(run_engine, engine)
             await background.start(tls.run)
             background.start_soon(_sweep_idle_upstreams, plane)
             background.start_soon(ctl.watch_signals, signals)
+            background.start_soon(_reopen_logs, plane, reopen_signals)
             with trio.CancelScope() as serving:
                 async with trio.open_nursery() as nursery:
-                    await plane.start(nursery, setup.listener_fds)
+                    await plane.start(nursery, background, setup.listener_fds)
                     background.start_soon(ctl.read_messages)
                     await channel.send(control.Ready(setup.worker))
                     log.info("worker %d serving %d listener(s)", setup.worker, len(plane.servers))

@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING
 
 from ..config import Config, ConfigError, config_to_dict, load_config, parse_config
 from ..errors import UsageError
+from ..telemetry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..telemetry import (
-    CONTENT_TYPE as METRICS_CONTENT_TYPE,
-)
-from ..telemetry import (
+    EndpointStats,
     SupervisorStats,
     hgrm,
     latency_json,
@@ -43,6 +42,7 @@ class AdminEndpoints:
         app.route("GET", "/stats/latency", self._get_latency)
         app.route("PUT", "/config", self._put_config)
         app.route("POST", "/reload", self._post_reload)
+        app.route("POST", "/logs/reopen", self._post_logs_reopen)
         app.route("POST", "/drain", self._post_drain)
         app.route("POST", "/shutdown", self._post_shutdown)
 
@@ -90,7 +90,8 @@ class AdminEndpoints:
                 endpoints.append({
                     "address": str(endpoint.address),
                     "weight": endpoint.weight,
-                    "health": "healthy",  # no health checks or ejection yet: always eligible
+                    "health": _health(counted),
+                    "ejections": counted.ejections if counted else 0,
                     "active_requests": counted.active if counted else 0,
                     "requests": counted.requests if counted else 0,
                     "errors": counted.errors if counted else 0,
@@ -132,6 +133,10 @@ class AdminEndpoints:
             self.sup.reloads_failed += 1
             return _errors_response(exc)
         return await self._apply_response(config)
+
+    async def _post_logs_reopen(self, request: AdminRequest) -> AdminResponse:
+        """Reopen the access log file in every worker (log rotation), as SIGUSR1 does."""
+        return AdminResponse.json(200, {"workers": self.sup.reopen_logs()})
 
     async def _post_reload(self, request: AdminRequest) -> AdminResponse:
         if self.sup.config_path is None:
@@ -182,3 +187,13 @@ def read_token(path: str | None) -> bytes | None:
     if not token:
         raise UsageError(f"admin.token_file: {path} is empty")
     return token
+
+
+def _health(counted: EndpointStats | None) -> str:
+    """An endpoint's state as the workers see it: failing its health checks (or not checked
+    yet), ejected by outlier detection, or healthy. Summed over workers, any one counts."""
+    if counted is None:
+        return "healthy"
+    if counted.unhealthy:
+        return "unhealthy"
+    return "ejected" if counted.ejected else "healthy"

@@ -5,6 +5,7 @@
 """
 from .load import ConfigError, FieldError, config_to_dict, load_config, parse_config
 from .model import (
+    AccessLog,
     Address,
     Admin,
     Backoff,
@@ -32,10 +33,13 @@ from .model import (
     RetryBudget,
     Route,
     RouteMatch,
+    Telemetry,
+    Tracing,
     WeightedCluster,
 )
 
 __all__ = [
+    "AccessLog",
     "Address",
     "Admin",
     "Backoff",
@@ -65,6 +69,8 @@ __all__ = [
     "RetryBudget",
     "Route",
     "RouteMatch",
+    "Telemetry",
+    "Tracing",
     "WeightedCluster",
     "config_to_dict",
     "load_config",

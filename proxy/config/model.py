@@ -467,6 +467,7 @@ class Cluster(_Model):
     outlier_detection: OutlierDetection | None = None
     health_check: HealthCheck | None = None
     tls: ClusterTls | None = None  # needs the top-level `identity`
+    protocol: Literal["http1", "http2"] = "http1"  # what is spoken to the endpoints (http listeners)
 
     @model_validator(mode="after")
     def _hash_on_for_hash_lb(self) -> Cluster:
@@ -802,6 +803,63 @@ def _workers(value: Any) -> int | Literal["auto"]:
     raise invalid(f"must be an integer from 1 to {MAX_WORKERS} or 'auto', got {describe(value)}")
 
 
+Fraction = Annotated[StrictFloat | StrictInt, Field(ge=0, le=1)]
+
+
+class AccessLog(_Model):
+    """`telemetry.access_log`: one line per request (and per TCP connection), to `path`
+    (`stdout` or a file, reopened on SIGUSR1 or POST /logs/reopen for rotation), as `json`
+    or a template like "{method} {path} {status} {duration_ms}ms". `only: errors` or
+    `min_status` keep some requests; `sample_rate` keeps a share of those."""
+
+    path: Annotated[StrictStr, Field(min_length=1)] = "stdout"
+    format: Annotated[StrictStr, Field(min_length=1)] = "json"
+    sample_rate: Fraction = 1.0
+    only: Literal["errors"] | None = None
+    min_status: Annotated[StrictInt, Field(ge=0, le=599)] = 0
+
+    @field_validator("format")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        # Imported here: the telemetry package loads the compiled core, which `meshproxy
+        # check` must not need.
+        from ..telemetry.access_log import validate_format
+
+        if value != "json":
+            problems = validate_format(value)
+            if problems:
+                raise invalid("; ".join(problems))
+        return value
+
+
+class Tracing(_Model):
+    """`telemetry.tracing`: trace context read and written in the `propagation` formats;
+    spans exported as OTLP/HTTP to `otlp_endpoint`. Requests without a sampling decision
+    from upstream are sampled at `sample_rate`."""
+
+    propagation: Annotated[tuple[Literal["w3c", "b3", "b3multi"], ...], Field(min_length=1)] = ("w3c",)
+    otlp_endpoint: StrictStr
+    sample_rate: Fraction = 1.0
+    service_name: Annotated[StrictStr, Field(min_length=1)] | None = None  # default: node.id
+    encoding: Literal["protobuf", "json"] = "protobuf"
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from ..tracing.endpoint import parse_otlp_endpoint  # as above: keeps imports light
+
+        try:
+            parse_otlp_endpoint(value)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        return value
+
+
+class Telemetry(_Model):
+    access_log: AccessLog | None = None
+    tracing: Tracing | None = None
+
+
 class Config(_Model):
     node: Node = Node()
     admin: Admin = Admin()
@@ -810,6 +868,7 @@ class Config(_Model):
     listeners: Annotated[tuple[Listener, ...], Field(min_length=1)]
     clusters: tuple[Cluster, ...] = ()
     identity: Identity | None = None
+    telemetry: Telemetry = Telemetry()
 
     @property
     def worker_count(self) -> int:

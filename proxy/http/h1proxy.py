@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -53,6 +54,8 @@ from ..config import HttpLimits, Listener
 from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
 from ..net.sched import yield_now
 from ..net.tcp_proxy import relay_until_done
+from ..net.tls_bridge import DownstreamPeer, TlsBridges
+from ..policy.authz import Policy
 from ..policy.fault import fault_action
 from ..policy.retry import IDEMPOTENT, may_replay
 from ..policy.sampling import mirror_cluster
@@ -83,8 +86,9 @@ LINGER_BYTES = 4 << 20
 # cost the primary traffic).
 MIRROR_TIMEOUT = 5.0
 MAX_MIRRORS_IN_FLIGHT = 64
-# Request headers the proxy sets itself (hop-by-hop ones go in serialize()).
-REPLACED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"expect")
+# Request headers the proxy sets itself (hop-by-hop ones go in serialize()); a client
+# certificate header is never taken from the client.
+REPLACED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"x-forwarded-client-cert")
 
 
 class _RequestIds:
@@ -179,6 +183,8 @@ class Http1Proxy:
         self.mirrors_in_flight = 0
         # Access log and tracing, when `telemetry` asks for either (set by the worker).
         self.observer: Observer | None = None
+        # The worker's mTLS bridges: who the client of a bridged connection is (`tls`).
+        self.tls: TlsBridges | None = None
         self.update(listener, clusters)
 
     def update(self, listener: Listener, clusters: dict[str, UpstreamCluster]) -> None:
@@ -189,6 +195,7 @@ class Http1Proxy:
         """
         self.listener = listener
         self.routes = RouteTable.compile(listener.routes)
+        self.authz = Policy.compile(listener.policy, self.stats)
         self.policies = compile_policies(listener.routes, self.policies, monotonic())
         self.clusters = clusters
         limits = listener.limits or HttpLimits()
@@ -220,7 +227,9 @@ class Http1Proxy:
 
     async def _serve_requests(self, fd: int) -> None:
         buf = RecvBuffer(CLIENT_BUFFER)
-        peer = sockops.peer_ip(fd).encode()
+        client = self.tls.peer(fd) if self.tls is not None else None
+        # A bridged (mTLS) connection is a socketpair: the bridge knows the client's address.
+        peer = (client.ip if client is not None else sockops.peer_ip(fd)).encode()
         first = True
         served = 0
         while True:
@@ -256,7 +265,7 @@ class Http1Proxy:
             if head is None:
                 return
             first = False
-            if not await self._exchange(fd, buf, head, peer):
+            if not await self._exchange(fd, buf, head, peer, client):
                 return
 
     def _request_head_now(self, fd: int, buf: RecvBuffer) -> RequestHead | None:
@@ -345,17 +354,27 @@ class Http1Proxy:
                     await trio.lowlevel.wait_readable(fd)
 
     # -- one request -------------------------------------------------------
-    async def _exchange(self, fd: int, buf: RecvBuffer, head: RequestHead, peer: bytes) -> bool:
-        """Proxy one request; True when the client connection stays open."""
-        # A CONNECT target has no path; it matches routes as "/" would.
+    async def _exchange(self, fd: int, buf: RecvBuffer, head: RequestHead, peer: bytes,
+                        client: DownstreamPeer | None) -> bool:
+        """Proxy one request; True when the client connection stays open. `client` is the
+        verified mTLS peer, None on a plaintext connection."""
         started = monotonic()
         obs = self.observer.begin(head) if self.observer is not None else None
+        authz = self.authz
+        if not authz.empty and not _authorized(authz, client, head):
+            request_id = head.get(b"x-request-id")
+            record_request(self.route_stats[UNROUTED], None, None, 403, "forbidden", monotonic() - started, None)
+            if obs is not None:
+                self._observed(obs, head, None, None, None, 403, "forbidden", started, request_id, peer,
+                               client)
+            return await self._refuse(fd, head, 403, "forbidden", request_id)
+        # A CONNECT target has no path; it matches routes as "/" would.
         route = self.routes.match(head.method, head.host, head.path or b"/", head.get)
         request_id = head.get(b"x-request-id")
         if route is None:
             record_request(self.route_stats[UNROUTED], None, None, 404, "no_route", monotonic() - started, None)
             if obs is not None:
-                self._observed(obs, head, None, None, None, 404, "no_route", started, request_id, peer)
+                self._observed(obs, head, None, None, None, 404, "no_route", started, request_id, peer, client)
             return await self._refuse(fd, head, 404, "no_route", request_id)
         cluster = self.clusters[route.cluster or self.routes.pick_cluster(route, random.random())]
         # Looked up now: a reload during the request may drop the route's name.
@@ -368,14 +387,14 @@ class Http1Proxy:
                 record_request(route_stats, cluster.stats, None, status, code, monotonic() - started, None)
                 if obs is not None:
                     self._observed(obs, head, route.name, cluster.name, None, status, code, started,
-                                   request_id, peer)
+                                   request_id, peer, client)
                 return await self._refuse(fd, head, status, code, request_id)
         circuit = cluster.circuit
         if circuit is not None and not circuit.try_acquire(REQUESTS):
             record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
             if obs is not None:
                 self._observed(obs, head, route.name, cluster.name, None, 503, "circuit_open", started,
-                               request_id, peer)
+                               request_id, peer, client)
             return await self._refuse(fd, head, 503, "circuit_open", request_id)
 
         forwarded_for = head.get(b"x-forwarded-for")
@@ -383,7 +402,8 @@ class Http1Proxy:
             # Every hop of every field line, then ours (field lines combine with ", ").
             forwarded_for = b", ".join(head.get_all(b"x-forwarded-for")) + b", " + peer
         extra = [b"x-forwarded-for: ", forwarded_for or peer,
-                 b"\r\nx-forwarded-proto: http\r\n"]
+                 b"\r\nx-forwarded-proto: http\r\n" if client is None else
+                 b"\r\nx-forwarded-proto: https\r\nx-forwarded-client-cert: " + client.xfcc + b"\r\n"]
         if request_id is None:
             request_id = _request_ids.next()
             extra += [b"x-request-id: ", request_id, b"\r\n"]
@@ -416,7 +436,7 @@ class Http1Proxy:
                                monotonic() - started, None)
                 if obs is not None:
                     self._observed(obs, head, route.name, cluster.name, None, exc.status, exc.code, started,
-                                   request_id, peer)
+                                   request_id, peer, client)
                 return await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
         else:
             body = _NO_BODY
@@ -542,11 +562,11 @@ class Http1Proxy:
                            monotonic() - started, ex.upstream_time)
             if obs is not None:
                 self._observed(obs, head, route.name, cluster.name, ex, ex.status, ex.error, started,
-                               request_id, peer)
+                               request_id, peer, client)
 
     def _observed(self, obs: Observation, head: RequestHead, route: str | None, cluster: str | None,
                   ex: _Exchange | None, status: int, error: str | None, started: float,
-                  request_id: bytes | None, peer: bytes) -> None:
+                  request_id: bytes | None, peer: bytes, client: DownstreamPeer | None) -> None:
         """Hand a finished request to the observer (access log line, spans)."""
         assert self.observer is not None
         attempts = (ex.tries + ex.retried) if ex is not None and ex.address is not None else 0
@@ -555,7 +575,8 @@ class Http1Proxy:
             status=status, error=error, bytes_in=head.size + max(head.content_length, 0),
             bytes_out=ex.bytes_out if ex is not None else 0, duration=monotonic() - started,
             upstream=ex.upstream_time if ex is not None else None, attempts=attempts,
-            request_id=request_id, peer=peer, upstream_status=ex.upstream_status if ex is not None else 0)
+            request_id=request_id, peer=peer, peer_identity=client.identity if client is not None else None,
+            upstream_status=ex.upstream_status if ex is not None else 0)
 
     async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange,
                             pool: EndpointPool | None = None, *, fresh_only: bool = False,
@@ -1159,6 +1180,20 @@ class _NoBody:
 
 
 _NO_BODY = _NoBody()
+
+
+def _authorized(authz: Policy, client: DownstreamPeer | None, head: RequestHead) -> bool:
+    """The listener policy's verdict on a request. A path with dot segments or encoded
+    dots or slashes is refused outright: the upstream may resolve it to a path the
+    policy never saw (`/api/../admin`)."""
+    path = head.path or b"/"
+    if _AMBIGUOUS_PATH.search(path):
+        return False
+    return authz.decide(client.identity if client is not None else None, head.method, path)
+
+
+# "/." or "/.." as a whole segment, or a percent-encoded ".", "/" or "\".
+_AMBIGUOUS_PATH = re.compile(rb"/\.\.?(?:/|$)|%2[eEfF]|%5[cC]")
 
 
 def _switches_protocol(head: RequestHead, response: ResponseHead) -> bool:

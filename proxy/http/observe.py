@@ -108,3 +108,14 @@ class Observer:
                 obs.client, obs.started_ns, end_ns, method=head.method, path=head.target,
                 endpoint=endpoint, status=upstream_status, error=error if not upstream_status else None,
                 route=route, cluster=cluster, resend_count=max(attempts - 1, 0)))
+
+    def end_tcp(self, started_wall: float, *, cluster: str, endpoint: str | None, error: str | None,
+                bytes_in: int, bytes_out: int, duration: float, peer: str,
+                peer_identity: str | None) -> None:
+        """A TCP connection ended: its access log line (connections make no spans)."""
+        sink = self.sink
+        if sink is not None and self.keep.wants(None, error, random.random()):
+            sink.write(self.line_format(AccessRecord(
+                started_wall, self.listener, None, cluster, endpoint, protocol="tcp", error=error,
+                bytes_in=bytes_in, bytes_out=bytes_out, duration_ms=duration * 1e3, peer=peer,
+                peer_identity=peer_identity)))

@@ -16,6 +16,7 @@ identity (none for a plaintext client): a denied client is closed at once.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -29,6 +30,7 @@ from ..telemetry import ListenerStats
 from .connect import connect
 
 if TYPE_CHECKING:
+    from ..http.observe import Observer
     from ..upstream import UpstreamCluster
     from .tls_bridge import TlsBridges
 
@@ -63,6 +65,7 @@ class TcpProxy:
         self.engine = engine
         self.stats = stats
         self.tls = tls  # the worker's TLS bridges: client identities, mTLS to the cluster
+        self.observer: Observer | None = None  # the access log, when configured (set by the worker)
         self.update(listener, cluster)
 
     def update(self, listener: Listener, cluster: UpstreamCluster) -> None:
@@ -88,21 +91,26 @@ class TcpProxy:
         upstream_fd = -1
         endpoint = -1
         reset_fd = -1
+        outcome = _Outcome()
         try:
             if not self.policy.empty and not self._allowed(client_fd):
+                outcome.error = "forbidden"
                 return
             try:
                 upstream_fd, endpoint, connect_time = await self._connect(client_fd)
             except UpstreamConnectError as exc:
                 stats.connect_failures += 1
+                outcome.error = exc.code
                 log.info("%s: closing client: %s", self.listener.name, exc)
                 return
             # For L4 the balancer's "request" is the connection: least_request
             # counts open connections, peak_ewma learns connect latency.
             self.balancer.on_request_start(endpoint)
-            reset_fd = await self._relay(client_fd, upstream_fd)
+            reset_fd = await self._relay(client_fd, upstream_fd, outcome)
         finally:
             stats.active -= 1
+            if self.observer is not None:
+                self._log(client_fd, endpoint, outcome)
             if endpoint >= 0 and upstream_fd >= 0:
                 self.balancer.on_request_end(endpoint, connect_time)
             for fd in (client_fd, upstream_fd):
@@ -147,19 +155,45 @@ class TcpProxy:
         assert last_error is not None  # the cluster has at least one endpoint (config invariant)
         raise last_error
 
-    async def _relay(self, client_fd: int, upstream_fd: int) -> int:
+    async def _relay(self, client_fd: int, upstream_fd: int, outcome: _Outcome) -> int:
         relay = Relay(client_fd, upstream_fd, self.listener.splice)
         try:
             reset_fd = await relay_until_done(self.engine, relay, self.listener.idle_timeout)
         finally:
             self.stats.bytes_from_clients += relay.bytes_from_client
             self.stats.bytes_to_clients += relay.bytes_to_client
+            outcome.bytes_in, outcome.bytes_out = relay.bytes_from_client, relay.bytes_to_client
         if reset_fd is None:
             self.stats.idle_timeouts += 1
+            outcome.error = "idle_timeout"
             return -1
         if reset_fd >= 0:
             self.stats.resets += 1
+            outcome.error = "connection_reset"
         return reset_fd
+
+    def _log(self, client_fd: int, endpoint: int, outcome: _Outcome) -> None:
+        assert self.observer is not None
+        peer = self.tls.peer(client_fd) if self.tls is not None else None
+        self.observer.end_tcp(
+            outcome.started_wall, cluster=self.cluster.name,
+            endpoint=str(self.cluster.endpoints[endpoint].address) if endpoint >= 0 else None,
+            error=outcome.error, bytes_in=outcome.bytes_in, bytes_out=outcome.bytes_out,
+            duration=monotonic() - outcome.started, peer=self._client_ip(client_fd),
+            peer_identity=peer.identity if peer is not None else None)
+
+
+class _Outcome:
+    """How one connection went, for its access log line."""
+
+    __slots__ = ("bytes_in", "bytes_out", "error", "started", "started_wall")
+
+    def __init__(self) -> None:
+        self.started = monotonic()
+        self.started_wall = time.time()
+        self.error: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
 
 
 async def relay_until_done(engine: RelayEngine, relay: Relay, idle_timeout: float) -> int | None:

@@ -222,6 +222,11 @@ class _SnapshotCollector(Collector):
                                               "failed connects of an endpoint.", labels=endpoint_labels)
         endpoint_active = GaugeMetricFamily("meshproxy_upstream_endpoint_requests_active",
                                             "Requests in flight to an endpoint.", labels=endpoint_labels)
+        endpoint_healthy = GaugeMetricFamily("meshproxy_upstream_endpoint_healthy", "1 while an endpoint "
+                                             "passes its health checks (or has none) and is not ejected, "
+                                             "in every worker.", labels=endpoint_labels)
+        endpoint_ejections = CounterMetricFamily("meshproxy_upstream_endpoint_ejections", "Times outlier "
+                                                 "detection ejected an endpoint.", labels=endpoint_labels)
         for name, cluster in self.snapshot.clusters.items():
             _by_class(requests, [name], cluster.requests)
             for code, n in sorted(cluster.errors.items()):
@@ -236,8 +241,12 @@ class _SnapshotCollector(Collector):
                 endpoint_requests.add_metric([name, address], endpoint.requests)
                 endpoint_errors.add_metric([name, address], endpoint.errors)
                 endpoint_active.add_metric([name, address], endpoint.active)
+                endpoint_healthy.add_metric([name, address],
+                                            0 if endpoint.unhealthy or endpoint.ejected else 1)
+                endpoint_ejections.add_metric([name, address], endpoint.ejections)
         yield from (requests, errors, opened, pool, connect_failures, retries, duration,
-                    endpoint_requests, endpoint_errors, endpoint_active)
+                    endpoint_requests, endpoint_errors, endpoint_active, endpoint_healthy,
+                    endpoint_ejections)
 
 
 def _identity(identity: IdentityStats) -> Iterator[Metric]:

@@ -16,23 +16,30 @@ from __future__ import annotations
 import logging
 import random
 import socket
+from typing import Protocol
 
 import h11
 import trio
 
-from ..cluster.health import HealthState
 from ..config import Address, Cluster, HealthCheck
 from ..errors import UpstreamConnectError
 from ..net.connect import connect
 
 log = logging.getLogger("meshproxy.health")
 
+
+class Verdicts(Protocol):
+    """Where verdicts go: a `cluster.health.HealthState`, or what wraps one."""
+
+    def record(self, index: int, passed: bool) -> bool: ...  # True: the endpoint flipped
+    def status(self, index: int) -> str: ...
+
 JITTER = 0.1  # each pause is interval x (1 +- JITTER)
 MAX_RESPONSE_HEAD = 16384  # bytes read for a response head before the check fails
 USER_AGENT = "meshproxy-health-check"
 
 
-async def run_health_checks(cluster: Cluster, health: HealthState, *,
+async def run_health_checks(cluster: Cluster, health: Verdicts, *,
                             rng: random.Random | None = None,
                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Check every endpoint of `cluster` per its `health_check`, feeding `health`, until
@@ -49,7 +56,7 @@ async def run_health_checks(cluster: Cluster, health: HealthState, *,
 
 
 async def _check_forever(cluster: str, index: int, address: Address, check: HealthCheck,
-                         health: HealthState, rng: random.Random) -> None:
+                         health: Verdicts, rng: random.Random) -> None:
     while True:
         passed = await check_endpoint(address, check)
         if health.record(index, passed):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING
 
 from .._core import sockops
 from .._core.iobuf import RecvBuffer, peer_closed
@@ -20,9 +21,17 @@ from ..cluster import make_balancer
 from ..cluster.circuit import CONNECTIONS, PENDING, CircuitBreaker
 from ..cluster.health import EndpointAvailability
 from ..config import Address, Cluster
-from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
+from ..errors import (
+    CircuitOpenError,
+    NoHealthyUpstreamError,
+    UpstreamConnectError,
+    UpstreamTlsError,
+)
 from ..net.connect import connect
 from ..telemetry import ClusterStats, record_connect_failure
+
+if TYPE_CHECKING:
+    from ..net.tls_bridge import TlsBridges
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -56,12 +65,14 @@ class UpstreamConn:
 
 class EndpointPool:
     def __init__(self, address: Address, index: int, connect_timeout: float,
-                 cluster_stats: ClusterStats, circuit: CircuitBreaker | None = None) -> None:
+                 cluster_stats: ClusterStats, circuit: CircuitBreaker | None = None,
+                 origination: Origination | None = None) -> None:
         self.address = address
         self.index = index
         self.connect_timeout = connect_timeout
         self.cluster_stats = cluster_stats
         self.circuit = circuit  # the cluster's, when it has one
+        self.origination = origination  # mTLS to the endpoint (`clusters[].tls`)
         self.address_text = str(address)  # for logs and spans, made once
         self.stats = cluster_stats.endpoints[str(address)]
         self._idle: list[UpstreamConn] = []
@@ -100,6 +111,8 @@ class EndpointPool:
                 raise CircuitOpenError("max_pending reached")
         try:
             fd = await connect(self.address, self.connect_timeout)
+            if self.origination is not None:
+                fd = await self.origination.originate(fd)
         except BaseException as exc:
             if circuit is not None:
                 circuit.release(CONNECTIONS)
@@ -143,6 +156,25 @@ class EndpointPool:
         self._idle.clear()
 
 
+class Origination:
+    """mTLS to a cluster's endpoints: the worker's TLS bridges (set once the worker has
+    them) and the identities the endpoints may present."""
+
+    __slots__ = ("bridges", "expected")
+
+    def __init__(self, expected: tuple[str, ...]) -> None:
+        self.expected = expected
+        self.bridges: TlsBridges | None = None
+
+    async def originate(self, fd: int) -> int:
+        """The plaintext fd standing for a TLS connection over `fd` (which this takes over);
+        UpstreamTlsError or UpstreamIdentityError (both connect errors) when it fails."""
+        if self.bridges is None:
+            sockops.close_fd(fd)
+            raise UpstreamTlsError("no TLS bridges in this process")
+        return await self.bridges.originate(fd, self.expected)
+
+
 class UpstreamCluster:
     """A cluster's balancer, one pool per endpoint, and what keeps traffic from bad
     endpoints: health checks, outlier ejection, the circuit breaker."""
@@ -157,8 +189,10 @@ class UpstreamCluster:
         self.load_aware = cluster.lb in ("least_request", "peak_ewma")
         # Shared by the whole cluster, as Envoy's thresholds are (per worker here).
         self.circuit = CircuitBreaker(cluster.circuit_breaker) if cluster.circuit_breaker else None
+        self.origination = Origination(tuple(cluster.tls.identity)) if cluster.tls is not None else None
         self.pools = [
-            EndpointPool(endpoint.address, i, cluster.connect_timeout, stats, self.circuit)
+            EndpointPool(endpoint.address, i, cluster.connect_timeout, stats, self.circuit,
+                         self.origination)
             for i, endpoint in enumerate(cluster.endpoints)
         ]
         # None when neither health checks nor outlier detection are configured: every
@@ -210,17 +244,24 @@ class UpstreamCluster:
         pool.stats.ejected = 0
         log.info("%s: endpoint %s back from ejection", self.name, pool.address)
 
-    def record_health(self, index: int, passed: bool) -> bool:
-        """An active health check's verdict on endpoint `index` (the health checker calls
-        this as it would `HealthState.record`); True when the endpoint's state flipped."""
+    def record(self, index: int, passed: bool) -> bool:
+        """An active health check's verdict on endpoint `index` (the health checker feeds
+        the cluster as it would a `HealthState`); True when the endpoint's state flipped."""
         assert self.availability is not None and self.availability.health is not None
         health = self.availability.health
         flipped = health.record(index, passed)
         if flipped:
-            pool = self.pools[index]
-            pool.stats.unhealthy = int(not health.healthy(index))
-            log.info("%s: endpoint %s is %s", self.name, pool.address, health.status(index))
+            self.pools[index].stats.unhealthy = int(not health.healthy(index))
         return flipped
+
+    def status(self, index: int) -> str:
+        """"healthy", "unhealthy" or "pending" (health checks), or "ejected"; "healthy"
+        when the cluster checks nothing."""
+        if self.outlier is not None and self.outlier.ejected(index):
+            return "ejected"
+        if self.availability is None or self.availability.health is None:
+            return "healthy"
+        return self.availability.health.status(index)
 
     def refresh(self) -> None:
         """Bring ejections that ran out up to date without waiting for traffic (called
@@ -248,6 +289,16 @@ class UpstreamCluster:
     def close(self) -> None:
         for pool in self.pools:
             pool.close()
+
+    @property
+    def tls(self) -> TlsBridges | None:
+        return self.origination.bridges if self.origination is not None else None
+
+    @tls.setter
+    def tls(self, bridges: TlsBridges) -> None:
+        """The worker's TLS bridges, for clusters that originate mTLS."""
+        if self.origination is not None:
+            self.origination.bridges = bridges
 
     def retire(self) -> None:
         """A reload replaced this cluster: close idle connections now, the rest when

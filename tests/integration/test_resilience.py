@@ -489,7 +489,6 @@ def test_a_broken_mirror_never_slows_the_primary(meshproxy, faulty, fault):
 # -- active health checks --------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="health checker not started by the worker yet", strict=False)
 def test_health_checks_keep_traffic_off_an_unhealthy_endpoint(meshproxy, faulty):
     good, sick = faulty("good"), faulty("sick")
     sick.fail("/healthz", Fault.ANSWER_503)  # only its checks fail: its traffic would succeed

@@ -91,6 +91,8 @@ def test_public_surface():
         "Mirror", "CircuitLimits", "OutlierDetection", "HealthCheck",
         # identity: identity; listeners[].tls, policy; clusters[].tls
         "Identity", "ListenerTls", "PolicyRule", "PolicyMatch", "ClusterTls",
+        # telemetry: access_log, tracing
+        "Telemetry", "AccessLog", "Tracing",
     }
 
 
