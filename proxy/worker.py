@@ -36,6 +36,7 @@ from .telemetry import WorkerStats
 from .telemetry.access_log import AccessLogFilter, compile_format
 from .tracing.exporter import SpanExporter
 from .upstream import UpstreamCluster
+from .upstream.h2pool import H2Upstreams
 from .upstream.health_check import run_health_checks
 
 log = logging.getLogger("meshproxy.worker")
@@ -187,6 +188,7 @@ class DataPlane:
         self._nursery: trio.Nursery | None = None
         self._background: trio.Nursery | None = None  # health checks, log sink, span exporter
         self._health_checks: dict[str, trio.CancelScope] = {}  # cluster name -> its checker
+        self.h2_upstreams: H2Upstreams | None = None  # HTTP/2 upstream pools, in `_background`
 
     def _handler(self, listener: Listener) -> TcpProxy | Http1Proxy:
         stats = self.stats.listeners[listener.name]
@@ -196,6 +198,7 @@ class DataPlane:
         else:
             handler = Http1Proxy(listener, self.clusters, self.engine, stats)
             handler.tls = self.tls  # the client's verified identity: handler.tls.peer(fd)
+            handler.h2_upstreams = self.h2_upstreams
         handler.observer = self.telemetry.observer(listener.name)
         return handler
 
@@ -216,6 +219,8 @@ class DataPlane:
                 if scope is not None and clusters.get(name) is None:
                     scope.cancel()
         self.clusters = clusters
+        if self.h2_upstreams is not None:
+            self.h2_upstreams.retain(clusters.values())  # replaced clusters' pools say GOAWAY
 
     def _start_health_checks(self, upstream: UpstreamCluster) -> None:
         """Active checks for a cluster with `health_check`, replacing those of the cluster
@@ -238,6 +243,7 @@ class DataPlane:
                     listener_fds: dict[str, int]) -> None:
         self._nursery = nursery
         self._background = background
+        self.h2_upstreams = H2Upstreams(background)
         await self.telemetry.apply(self.config, background)
         self._sync_clusters(self.config)
         for listener in self.config.listeners:
@@ -290,6 +296,8 @@ class DataPlane:
     def close(self) -> None:
         for cluster in self.clusters.values():
             cluster.close()
+        if self.h2_upstreams is not None:
+            self.h2_upstreams.close()
 
 
 async def _reopen_logs(plane: DataPlane, signals: trio.abc.ReceiveChannel) -> None:

@@ -62,7 +62,11 @@ from ..policy.sampling import mirror_cluster
 from ..route import RouteTable
 from ..telemetry import UNROUTED, EndpointStats, ListenerStats, record_request
 from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
+from ..upstream.h2pool import H2Upstreams
 from .dechunk import ChunkedDecoder
+from .h2codec import PREFACE
+from .h2server import drain as drain_h2
+from .h2server import read_preface, serve_h2
 from .local_reply import CONTINUE, local_reply
 from .observe import Observation, Observer
 from .policies import RoutePolicies, compile_policies
@@ -185,6 +189,8 @@ class Http1Proxy:
         self.observer: Observer | None = None
         # The worker's mTLS bridges: who the client of a bridged connection is (`tls`).
         self.tls: TlsBridges | None = None
+        # The worker's HTTP/2 upstream pools (set by the worker), for HTTP/2 clients.
+        self.h2_upstreams: H2Upstreams | None = None
         self.update(listener, clusters)
 
     def update(self, listener: Listener, clusters: dict[str, UpstreamCluster]) -> None:
@@ -209,6 +215,7 @@ class Http1Proxy:
         self.draining = True
         for scope in self._idle_waits:
             scope.cancel()
+        drain_h2(self)  # GOAWAY on HTTP/2 connections
 
     # -- one client connection -------------------------------------------
     async def serve(self, client_fd: int) -> None:
@@ -253,6 +260,12 @@ class Http1Proxy:
                 if head is None:
                     head = await self._read_request_head(fd, buf, first)
             except ProtocolError as exc:
+                # "PRI * HTTP/2.0": an HTTP/2 client with prior knowledge. Told apart here,
+                # where HTTP/1 refuses it, so HTTP/1 clients pay nothing for it.
+                if (first and buf.data[buf.start:buf.start + 4] == PREFACE[:4]
+                        and await read_preface(fd, buf, self.idle_timeout)):
+                    await serve_h2(self, fd, buf.take(len(buf)), peer)
+                    return
                 record_request(self.route_stats[UNROUTED], None, None, exc.status, exc.code, 0.0, None)
                 reply = local_reply(exc.status, exc.code, str(exc), close=True)
                 if self.observer is not None:
@@ -389,6 +402,12 @@ class Http1Proxy:
                     self._observed(obs, head, route.name, cluster.name, None, status, code, started,
                                    request_id, peer, client)
                 return await self._refuse(fd, head, status, code, request_id)
+        if cluster.http2:
+            # An HTTP/1 request would reach an HTTP/2-only server (gRPC) as bytes it cannot
+            # read: say so instead.
+            record_request(route_stats, cluster.stats, None, 502, "upstream_protocol_unsupported",
+                           monotonic() - started, None)
+            return await self._refuse(fd, head, 502, "upstream_protocol_unsupported", request_id)
         circuit = cluster.circuit
         if circuit is not None and not circuit.try_acquire(REQUESTS):
             record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
@@ -790,6 +809,7 @@ class Http1Proxy:
                         with trio.move_on_at(ex.deadline()):
                             up = await pool.open()
                     except UpstreamConnectError as exc:
+                        ex.address = pool.address_text  # what the access log names for the failure
                         cluster.record_outcome(pool, 0, exc.code)
                         tried.append(pool.index)
                         connect_failures += 1

@@ -26,6 +26,7 @@ _DESCRIPTIONS = {
     "no_healthy_upstream": "no healthy upstream endpoint",
     "rate_limited": "request rate limit exceeded",
     "fault_abort": "request aborted by fault injection",
+    "upstream_protocol_unsupported": "the cluster speaks HTTP/2 only; send this request over HTTP/2",
 }
 
 

@@ -92,6 +92,8 @@ class TcpProxy:
         endpoint = -1
         reset_fd = -1
         outcome = _Outcome()
+        if self.observer is not None:
+            outcome.peer = self._client_ip(client_fd)  # now: once the client is gone it has none
         try:
             if not self.policy.empty and not self._allowed(client_fd):
                 outcome.error = "forbidden"
@@ -179,14 +181,14 @@ class TcpProxy:
             outcome.started_wall, cluster=self.cluster.name,
             endpoint=str(self.cluster.endpoints[endpoint].address) if endpoint >= 0 else None,
             error=outcome.error, bytes_in=outcome.bytes_in, bytes_out=outcome.bytes_out,
-            duration=monotonic() - outcome.started, peer=self._client_ip(client_fd),
+            duration=monotonic() - outcome.started, peer=outcome.peer,
             peer_identity=peer.identity if peer is not None else None)
 
 
 class _Outcome:
     """How one connection went, for its access log line."""
 
-    __slots__ = ("bytes_in", "bytes_out", "error", "started", "started_wall")
+    __slots__ = ("bytes_in", "bytes_out", "error", "peer", "started", "started_wall")
 
     def __init__(self) -> None:
         self.started = monotonic()
@@ -194,6 +196,7 @@ class _Outcome:
         self.error: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self.peer = ""
 
 
 async def relay_until_done(engine: RelayEngine, relay: Relay, idle_timeout: float) -> int | None:

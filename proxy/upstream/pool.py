@@ -187,6 +187,7 @@ class UpstreamCluster:
         self.hash_on = cluster.hash_on
         # Balancers that steer by requests in flight or latency need to be told.
         self.load_aware = cluster.lb in ("least_request", "peak_ewma")
+        self.http2 = cluster.protocol == "http2"  # spoken upstream: HTTP/2 clients only, for now
         # Shared by the whole cluster, as Envoy's thresholds are (per worker here).
         self.circuit = CircuitBreaker(cluster.circuit_breaker) if cluster.circuit_breaker else None
         self.origination = Origination(tuple(cluster.tls.identity)) if cluster.tls is not None else None

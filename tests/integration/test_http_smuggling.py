@@ -65,7 +65,7 @@ REJECTED: list[tuple[str, bytes, int]] = [
     ("version-2.0", b"GET / HTTP/2.0\r\n" + HOST + b"\r\n\r\n", 505),
     ("version-3.0", b"GET / HTTP/3.0\r\n" + HOST + b"\r\n\r\n", 505),
     ("version-0.9", b"GET / HTTP/0.9\r\n" + HOST + b"\r\n\r\n", 505),
-    ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+    ("h2-preface-line-only", b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", 505),  # not HTTP/2's preface
     ("nul-in-method", b"G\x00ET / HTTP/1.1\r\n" + HOST + b"\r\n\r\n", 400),
     ("paren-in-method", b"GE(T / HTTP/1.1\r\n" + HOST + b"\r\n\r\n", 400),
     ("nul-in-target", get(target=b"/a\x00b"), 400),

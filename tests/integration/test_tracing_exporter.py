@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trio
@@ -21,62 +18,11 @@ from proxy.tracing.context import SpanContext, continue_trace
 from proxy.tracing.exporter import SpanExporter
 from proxy.tracing.spans import Span, client_span, server_span
 
+from .otlp_receiver import OtlpReceiver
 from .support import HOST
 
 TRACE = b"4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = b"00f067aa0ba902b7"
-
-
-@dataclass
-class Received:
-    path: str
-    content_type: str
-    body: bytes
-    client_port: int
-
-
-class OtlpReceiver:
-    """An OTLP/HTTP collector in a thread: records every POST and answers `status`.
-
-    With `drop_idle`, it closes each connection after answering without saying so, as a
-    collector closing idle keep-alive connections does.
-    """
-
-    def __init__(self, drop_idle: bool = False) -> None:
-        self.requests: list[Received] = []
-        self.status = 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append(Received(self.path, self.headers["Content-Type"], body,
-                                                  self.client_address[1]))
-                self.send_response(receiver.status)
-                self.send_header("Content-Type", self.headers["Content-Type"])
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                self.close_connection = drop_idle
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://{HOST}:{self.server.server_address[1]}/v1/traces"
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
-
-    def spans(self) -> list:
-        return [span for received in self.requests
-                for span in ExportTraceServiceRequest.FromString(received.body).resource_spans[0]
-                .scope_spans[0].spans]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -1,0 +1,1037 @@
+"""HTTP/2 from clients (cleartext, prior knowledge): one driver per connection, one task
+per stream.
+
+`Http1Proxy.serve` hands a connection here when its first bytes are the HTTP/2 preface
+(`h2codec.is_h2_preface`). The connection's reader feeds the client's bytes through the
+frame watch (`InboundFrames`: floods, oversized header blocks, rapid reset) into h2's
+state machine and dispatches its events; every request runs in a stream task that takes
+the same path as an HTTP/1 request — route → route policies → cluster (circuit breaker,
+pick) → endpoint → upstream — using the listener's `Http1Proxy` for the route table,
+clusters and stats of the config version in effect when the stream starts.
+
+Upstream is HTTP/1.1 through the endpoint's keep-alive pool (`EndpointPool`), or HTTP/2
+through `upstream.h2pool` when the cluster says `protocol: http2` (gRPC needs that).
+Bodies stream both ways under flow control: a request body is acknowledged to the client
+(WINDOW_UPDATE) only once written upstream, and a response body is read from upstream
+only as fast as the client's window takes it, so memory per connection stays bounded by
+the windows and the outbound queue cap.
+
+gRPC: trailers pass through (an HTTP/1 chunked trailer section becomes trailing HEADERS);
+a proxy-made error on an `application/grpc` request is a trailers-only response with a
+`grpc-status` (14 UNAVAILABLE, 4 DEADLINE_EXCEEDED, 12 UNIMPLEMENTED, ...); `grpc-timeout`
+bounds the whole call.
+
+Drain (`drain(proxy)`): every connection sends GOAWAY with the last stream id it took,
+refuses newer streams, and closes once the open ones have finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    SettingsAcknowledged,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError as H2ProtocolError
+from h2.exceptions import StreamClosedError
+from h2.settings import SettingCodes, Settings
+from h2.stream import StreamState
+
+from .._core.http1 import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    ChunkedScanner,
+    ProtocolError,
+    ResponseHead,
+    parse_response,
+)
+from .._core.iobuf import RecvBuffer, send_from
+from .._core.splice import monotonic
+from ..cluster.circuit import REQUESTS
+from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
+from ..net.sched import yield_now
+from ..policy.retry import IDEMPOTENT
+from ..telemetry import UNROUTED, EndpointStats, record_request
+from ..upstream import UpstreamCluster, UpstreamConn
+from ..upstream.h2pool import H2ClientStream, H2StreamError, H2Upstreams
+from .h2codec import (
+    ENHANCE_YOUR_CALM,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    PREFACE,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    H2Limits,
+    H2Request,
+    InboundFrames,
+    MalformedRequest,
+    TrailerDecoder,
+    grpc_error_headers,
+    h1_request_head,
+    h2_local_reply,
+    h2_request_headers,
+    h2_response_headers,
+    h2_trailers,
+    is_h2_preface,
+    parse_grpc_timeout,
+    parse_request,
+    parse_trailers,
+)
+from .h2transport import H2Transport, StreamGone
+
+if TYPE_CHECKING:
+    from .h1proxy import Http1Proxy
+
+log = logging.getLogger("meshproxy.http2")
+
+__all__ = ["H2ServerConnection", "drain", "is_h2_preface", "read_preface", "serve_h2"]
+
+READ_SIZE = 65536
+GRPC_STATUS = b"grpc-status"
+_STALLED: Any = object()  # no body piece came in time
+_BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+
+# The live connections of each listener's proxy, for drain().
+_live: weakref.WeakKeyDictionary[Any, set[H2ServerConnection]] = weakref.WeakKeyDictionary()
+
+
+def drain(proxy: Any) -> None:
+    """GOAWAY on every HTTP/2 connection `proxy` serves: each closes once its open streams
+    have finished (new streams are refused). Called from `Http1Proxy.drain`."""
+    for conn in list(_live.get(proxy, ())):
+        conn.drain()
+
+
+def connection_count(proxy: Any) -> int:
+    return len(_live.get(proxy, ()))
+
+
+async def read_preface(fd: int, buf: RecvBuffer, timeout: float) -> bool:
+    """Read a new connection's first bytes into `buf` until they tell HTTP/2 (its
+    connection preface) from anything else: True for HTTP/2. The bytes stay in `buf`
+    either way. An HTTP/1 client is told apart on its first bytes ("PRI" starts no HTTP/1
+    method), so it never waits here. False too when the client closes, or sends nothing
+    for `timeout` seconds: the HTTP/1 path then finds the same."""
+    while True:
+        n = buf.recv(fd)
+        if len(buf):
+            verdict = is_h2_preface(buf.data[buf.start:min(buf.end, buf.start + len(PREFACE))])
+            if verdict is not None:
+                return verdict
+        if n == 0:
+            return False
+        if n < 0:
+            with trio.move_on_after(timeout) as wait:
+                await trio.lowlevel.wait_readable(fd)
+            if wait.cancelled_caught:
+                return False
+
+
+async def serve_h2(proxy: Http1Proxy, fd: int, already_read: bytes = b"", peer: bytes = b"", *,
+                   limits: H2Limits | None = None, upstreams: H2Upstreams | None = None) -> None:
+    """Serve one HTTP/2 connection until it ends. `already_read`: the bytes read from the
+    client so far (the preface at least). The caller owns and closes `fd`.
+
+    `upstreams`: the worker's HTTP/2 upstream pools (`proxy.h2_upstreams` when unset);
+    without any, this connection keeps its own for its lifetime."""
+    conn = H2ServerConnection(proxy, fd, peer, limits or getattr(proxy, "h2_limits", None) or H2Limits(),
+                              upstreams or getattr(proxy, "h2_upstreams", None))
+    await conn.run(already_read)
+
+
+class _ServerState(H2Connection):
+    """h2's state machine, except that a stream over the advertised concurrency limit
+    reaches the driver (which refuses it with REFUSED_STREAM, a stream error) instead of
+    ending the whole connection as h2 would."""
+
+    @property
+    def open_inbound_streams(self) -> int:
+        H2Connection.open_inbound_streams.fget(self)  # type: ignore[attr-defined]  # forgets closed streams
+        return 0
+
+
+class _UpstreamFailed(Exception):
+    """Nothing of a response was sent to the client yet: a local reply follows."""
+
+    def __init__(self, status: int, code: str, *, retriable: bool = False) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.retriable = retriable
+
+
+class _Stream:
+    """One client stream: its request, the body as it arrives, what was answered."""
+
+    __slots__ = ("body", "body_sent", "buffered", "ended", "id", "request", "reset", "responded", "scope",
+                 "trailers", "wake")
+
+    def __init__(self, stream_id: int, request: H2Request, ended: bool) -> None:
+        self.id = stream_id
+        self.request = request
+        self.body: deque[bytes] = deque()
+        self.buffered = 0  # body bytes received and not yet acknowledged
+        self.body_sent = False  # some of the body went upstream: the request cannot be replayed
+        self.ended = ended  # the client sent END_STREAM
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.reset = False  # the client reset it
+        self.responded = False  # response headers went out
+        self.scope = trio.CancelScope()
+        self.wake = trio.Event()
+
+
+class _Outcome:
+    """How a stream's exchange ended, for telemetry."""
+
+    __slots__ = ("endpoint", "error", "status", "upstream_time")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.error: str | None = None
+        self.endpoint: EndpointStats | None = None
+        self.upstream_time: float | None = None
+
+
+class H2ServerConnection:
+    """One downstream HTTP/2 connection."""
+
+    def __init__(self, proxy: Http1Proxy, fd: int, peer: bytes, limits: H2Limits,
+                 upstreams: H2Upstreams | None) -> None:
+        # Imported here, not with this module: h1proxy imports this module for its dispatch.
+        from . import h1proxy
+
+        self.proxy = proxy
+        self.fd = fd
+        self.peer = peer
+        self.limits = limits
+        self.upstreams = upstreams
+        # As for HTTP/1 requests: the route timeout when a route sets none, connect attempts
+        # per request, and request ids unique across processes.
+        self.route_timeout = h1proxy.DEFAULT_ROUTE_TIMEOUT
+        self.connect_attempts = h1proxy.MAX_CONNECT_ATTEMPTS
+        self.request_ids = h1proxy._request_ids
+        config = H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
+                                 normalize_inbound_headers=False, validate_outbound_headers=False,
+                                 normalize_outbound_headers=False)
+        self.state = _ServerState(config)
+        self.state.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+        })
+        self.state.decoder.max_header_list_size = limits.max_header_list_size
+        self.transport = H2Transport(fd, self.state, limits)
+        self.frames = InboundFrames(limits, preface=len(PREFACE))
+        self.streams: dict[int, _Stream] = {}
+        self.highest = 0  # highest stream id taken
+        self.goaway_last: int | None = None  # set once a GOAWAY went out: newer streams are refused
+        self.peer_done = False  # the client sent GOAWAY: it opens no more streams
+        self.settings_acked = False  # the client acknowledged our SETTINGS
+        self.closed_reason: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._read_wait: trio.CancelScope | None = None
+        self._idle_since = 0.0
+
+    # -- the connection ----------------------------------------------------------------
+    async def run(self, already_read: bytes) -> None:
+        live = _live.get(self.proxy)
+        if live is None:
+            live = _live[self.proxy] = set()
+        live.add(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.transport.cancel_scope = nursery.cancel_scope
+                if self.upstreams is None:
+                    self.upstreams = H2Upstreams(nursery, self.limits)
+                state = self.state
+                state.initiate_connection()
+                state.increment_flow_control_window(self.limits.connection_window - 65535)
+                self.transport.flush()
+                nursery.start_soon(self.transport.run_writer)
+                self._idle_since = trio.current_time()
+                if self.proxy.draining:
+                    self.drain()
+                try:
+                    await self._read_loop(already_read)
+                except Exception:  # a bug must cost one connection, not the worker
+                    log.exception("%s: HTTP/2 connection failed", self.proxy.listener.name)
+                await self.transport.drain_output(1.0)
+                nursery.cancel_scope.cancel()
+        finally:
+            live.discard(self)
+            if self.closed_reason is not None:
+                log.info("%s: HTTP/2 client %s cut off: %s", self.proxy.listener.name,
+                         self.peer.decode("latin-1"), self.closed_reason)
+
+    def drain(self) -> None:
+        """GOAWAY now; close once the streams taken so far have finished."""
+        if self.goaway_last is None:
+            self.goaway_last = self.highest
+            self.transport.send_goaway(self.highest, NO_ERROR)
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        if self._read_wait is not None:
+            self._read_wait.cancel()
+
+    def _cut_off(self, error_code: int, reason: str) -> None:
+        """End the connection at once: GOAWAY with `error_code`."""
+        self.closed_reason = reason
+        if self.goaway_last is None:
+            self.goaway_last = self.highest
+        self.transport.send_goaway(self.highest, error_code, reason.encode()[:128])
+
+    async def _read_loop(self, data: bytes) -> None:
+        fd = self.fd
+        limits = self.limits
+        buf = RecvBuffer(READ_SIZE)
+        while True:
+            if data:
+                if not self._receive(data):
+                    return
+                data = b""
+            if (self.goaway_last is not None or self.peer_done) and not self.streams:
+                return
+            if self.transport.queued > limits.outbound_cap:
+                # The client does not read what it asked for: read no more of its asks.
+                await self.transport.wait_room()
+            try:
+                n = buf.recv(fd)
+            except OSError:
+                return
+            if n > 0:
+                data = buf.take(len(buf))
+                continue
+            if n == 0:
+                return
+            now = trio.current_time()
+            if self.frames.in_header_block:
+                deadline = self.frames.block_started + limits.header_timeout
+                why = "header_timeout"
+            elif not self.streams:
+                deadline = self._idle_since + limits.idle_timeout
+                why = "idle_timeout"
+            else:
+                deadline = float("inf")
+                why = ""
+            if deadline <= now:
+                if why == "idle_timeout":
+                    self.drain()  # GOAWAY first, as for any graceful close
+                    return
+                self._cut_off(PROTOCOL_ERROR, why)
+                return
+            with trio.move_on_at(deadline) as wait:
+                self._read_wait = wait
+                await trio.lowlevel.wait_readable(fd)
+            self._read_wait = None
+
+    def _receive(self, data: bytes) -> bool:
+        """Take bytes from the client; False when the connection must end."""
+        frames = self.frames
+        now = trio.current_time()
+        data = frames.feed(data, now)
+        if frames.violation is not None:
+            self._cut_off(ENHANCE_YOUR_CALM, frames.violation)
+            return False
+        if frames.goaways:
+            self.peer_done = True
+            if any(code != NO_ERROR for _, code, _ in frames.goaways):
+                return False
+            frames.goaways.clear()
+        if not data:
+            return True
+        try:
+            events = self.state.receive_data(data)
+        except H2ProtocolError as exc:
+            # h2 queued a GOAWAY with the error's code.
+            self.closed_reason = f"protocol error: {exc}"
+            self.transport.flush()
+            return False
+        for event in events:
+            if isinstance(event, DataReceived):
+                self._on_data(event)
+            elif isinstance(event, RequestReceived):
+                self._on_request(event, now)
+            elif isinstance(event, StreamEnded):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.ended = True
+                    stream.wake.set()
+            elif isinstance(event, WindowUpdated):
+                self.transport.window_opened(event.stream_id)
+            elif isinstance(event, StreamReset):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.reset = True
+                    stream.scope.cancel()
+            elif isinstance(event, TrailersReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    try:
+                        stream.trailers = parse_trailers(event.headers)
+                    except MalformedRequest:
+                        self.frames.note_reset(now)
+                        stream.reset = True
+                        stream.scope.cancel()
+                        self._refuse(stream.id, PROTOCOL_ERROR)
+                        continue
+                    stream.ended = True
+                    stream.wake.set()
+            elif isinstance(event, SettingsAcknowledged):
+                self.settings_acked = True
+            elif (isinstance(event, RemoteSettingsChanged)
+                  and SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings):
+                self.transport.window_opened(0)
+        if frames.violation is not None:  # a reset counted while handling the events
+            self._cut_off(ENHANCE_YOUR_CALM, frames.violation)
+            return False
+        self.transport.flush()
+        return True
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.reset:
+            # Answered already, or refused: nobody reads it, the window opens at once.
+            self.state.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        padding = event.flow_controlled_length - len(event.data)
+        if padding:
+            self.state.acknowledge_received_data(padding, event.stream_id)
+        if event.data:
+            stream.body.append(event.data)
+            stream.buffered += len(event.data)
+        if event.stream_ended is not None:
+            stream.ended = True
+        stream.wake.set()
+
+    def _on_request(self, event: RequestReceived, now: float) -> None:
+        stream_id = event.stream_id
+        self.highest = max(self.highest, stream_id)
+        if self.goaway_last is not None and stream_id > self.goaway_last:
+            self._refuse(stream_id, REFUSED_STREAM)
+            return
+        # The limit binds once the client has acknowledged it; before that (a client may
+        # open streams before it reads our SETTINGS) up to twice as many are taken. Streams
+        # count as the protocol sees them, plus a margin for tasks still finishing.
+        limit = self.limits.max_concurrent_streams
+        if not self.settings_acked:
+            limit *= 2
+        if len(self.streams) >= limit and (len(self.streams) >= 2 * limit
+                                           or self._open_streams() >= limit):
+            self.frames.note_reset(now)  # past the advertised limit: counts as abuse
+            self._refuse(stream_id, REFUSED_STREAM)
+            return
+        proxy = self.proxy
+        limits = proxy.listener.limits
+        try:
+            if limits is None:
+                request = parse_request(event.headers)
+            else:
+                request = parse_request(event.headers, limits.max_header_bytes, limits.max_headers)
+        except MalformedRequest as exc:
+            if exc.status is None:
+                log.debug("%s: malformed HTTP/2 request: %s", proxy.listener.name, exc)
+                self.frames.note_reset(now)
+                self._refuse(stream_id, exc.error_code)
+                record_request(proxy.route_stats[UNROUTED], None, None, 400, exc.code, 0.0, None)
+                return
+            stream = _Stream(stream_id, _bare_request(event.headers), event.stream_ended is not None)
+            self._start(stream, self._refuse_stream, exc.status, exc.code)
+            return
+        self._start(_Stream(stream_id, request, event.stream_ended is not None), self._serve_stream)
+
+    def _open_streams(self) -> int:
+        """Streams the client has open, per the protocol (a task may still be finishing
+        one whose response is complete)."""
+        h2streams = self.state.streams
+        count = 0
+        for stream_id in self.streams:
+            h2stream = h2streams.get(stream_id)
+            if h2stream is not None and not h2stream.closed:
+                count += 1
+        return count
+
+    def _refuse(self, stream_id: int, error_code: int) -> None:
+        try:
+            self.state.reset_stream(stream_id, error_code)
+        except (StreamClosedError, H2ProtocolError):
+            pass
+
+    def _start(self, stream: _Stream, handler: Any, *args: Any) -> None:
+        self.streams[stream.id] = stream
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_stream, stream, handler, *args)
+
+    async def _run_stream(self, stream: _Stream, handler: Any, *args: Any) -> None:
+        try:
+            with stream.scope:
+                await handler(stream, *args)
+        except (StreamGone, OSError, TimeoutError) as exc:
+            log.debug("%s: stream %d: %s", self.proxy.listener.name, stream.id, exc)
+        except Exception:  # a bug must cost one stream, not the worker
+            log.exception("%s: stream %d failed", self.proxy.listener.name, stream.id)
+        finally:
+            del self.streams[stream.id]
+            self.transport.forget(stream.id)
+            self._close_stream(stream)
+            if not self.streams:
+                self._idle_since = trio.current_time()
+                self._wake_reader()  # to time the idle connection, or to close a drained one
+
+    def _close_stream(self, stream: _Stream) -> None:
+        """After the handler: give back the connection window of body bytes nobody read,
+        and reset the stream if it is still open: with NO_ERROR when the response is
+        complete and only the client's body is still coming (RFC 9113 §8.1)."""
+        if self.transport.broken is not None:
+            return
+        state = self.state
+        if stream.buffered:
+            state.acknowledge_received_data(stream.buffered, stream.id)
+            stream.buffered = 0
+        h2stream = state.streams.get(stream.id)
+        if h2stream is not None and not h2stream.closed:
+            code = NO_ERROR if h2stream.state_machine.state == StreamState.HALF_CLOSED_LOCAL else INTERNAL_ERROR
+            self._refuse(stream.id, code)
+        self.transport.flush()
+
+    # -- one stream ------------------------------------------------------------------------
+    async def _refuse_stream(self, stream: _Stream, status: int, code: str) -> None:
+        record_request(self.proxy.route_stats[UNROUTED], None, None, status, code, 0.0, None)
+        await self._local_reply(stream, status, code, None)
+
+    async def _serve_stream(self, stream: _Stream) -> None:
+        proxy = self.proxy
+        request = stream.request
+        started = monotonic()
+        routes = proxy.routes
+        route_stats_all = proxy.route_stats
+        route = routes.match(request.method, request.authority, request.route_path, request.get)
+        request_id = request.get(b"x-request-id")
+        if route is None:
+            record_request(route_stats_all[UNROUTED], None, None, 404, "no_route", monotonic() - started, None)
+            await self._local_reply(stream, 404, "no_route", request_id)
+            return
+        cluster = proxy.clusters[route.cluster or routes.pick_cluster(route, random.random())]
+        route_stats = route_stats_all[route.name]
+        policies = proxy.policies.get(route.name)
+        if policies is not None and (policies.rate_limit is not None or policies.fault is not None):
+            refusal = await proxy._admit(policies)
+            if refusal is not None:
+                status, code = refusal
+                record_request(route_stats, cluster.stats, None, status, code, monotonic() - started, None)
+                await self._local_reply(stream, status, code, request_id)
+                return
+        circuit = cluster.circuit
+        if circuit is not None and not circuit.try_acquire(REQUESTS):
+            record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
+            await self._local_reply(stream, 503, "circuit_open", request_id)
+            return
+        outcome = _Outcome()
+        extra_id = request_id is None
+        if request_id is None:
+            request_id = self.request_ids.next()
+        forwarded_for = self.peer
+        if request.get(b"x-forwarded-for") is not None:
+            forwarded_for = b", ".join(request.get_all(b"x-forwarded-for")) + b", " + self.peer
+        timeout = route.timeout or self.route_timeout
+        call_deadline = float("inf")
+        if request.grpc:
+            grpc_timeout = parse_grpc_timeout(request.get(b"grpc-timeout"))
+            if grpc_timeout is not None:
+                call_deadline = trio.current_time() + grpc_timeout
+        try:
+            if call_deadline == float("inf"):
+                await self._forward(stream, cluster, timeout, outcome, request_id, extra_id, forwarded_for)
+            else:
+                with trio.move_on_at(call_deadline) as call:
+                    await self._forward(stream, cluster, timeout, outcome, request_id, extra_id, forwarded_for)
+                if call.cancelled_caught:
+                    outcome.status, outcome.error = 504, "upstream_timeout"
+                    await self._local_reply(stream, 504, "upstream_timeout", request_id)
+        finally:
+            if outcome.endpoint is not None:
+                outcome.endpoint.active -= 1
+            if circuit is not None:
+                circuit.release(REQUESTS)
+            record_request(route_stats, cluster.stats, outcome.endpoint, outcome.status, outcome.error,
+                           monotonic() - started, outcome.upstream_time)
+
+    async def _forward(self, stream: _Stream, cluster: UpstreamCluster, timeout: float, outcome: _Outcome,
+                       request_id: bytes, extra_id: bool, forwarded_for: bytes) -> None:
+        """Send the request to `cluster` in its protocol and the response back; a failure
+        before any response went out is answered locally."""
+        request = stream.request
+        try:
+            if getattr(cluster.config, "protocol", "http1") == "http2":
+                extra = [(b"x-forwarded-for", forwarded_for), (b"x-forwarded-proto", b"http")]
+                if extra_id:
+                    extra.append((b"x-request-id", request_id))
+                await self._forward_h2(stream, cluster, h2_request_headers(request, extra), timeout, outcome,
+                                       request_id)
+            else:
+                fields = [b"x-forwarded-for: ", forwarded_for, b"\r\nx-forwarded-proto: http\r\n"]
+                if extra_id:
+                    fields += [b"x-request-id: ", request_id, b"\r\n"]
+                await self._forward_h1(stream, cluster, b"".join(fields), timeout, outcome)
+        except _UpstreamFailed as exc:
+            outcome.status, outcome.error = exc.status, exc.code
+            log.info("%s: %s %s -> %d %s (HTTP/2)", self.proxy.listener.name, request.method.decode("latin-1"),
+                     request.path[:200].decode("latin-1"), exc.status, exc.code)
+            await self._local_reply(stream, exc.status, exc.code, request_id)
+
+    async def _local_reply(self, stream: _Stream, status: int, code: str, request_id: bytes | None) -> None:
+        """A proxy-made answer: a gRPC status for gRPC requests, otherwise the same reply as
+        HTTP/1 gets. After response headers went out only a gRPC status (as trailers) or a
+        reset can still be said."""
+        state = self.state
+        try:
+            if stream.request.grpc:
+                headers = grpc_error_headers(status, code, request_id=request_id)
+                if stream.responded:
+                    headers = [h for h in headers if h[0] in (GRPC_STATUS, b"grpc-message", b"x-meshproxy-error")]
+                state.send_headers(stream.id, headers, end_stream=True)
+                stream.responded = True
+                self.transport.flush()
+                return
+            if stream.responded:
+                self._refuse(stream.id, INTERNAL_ERROR)
+                self.transport.flush()
+                return
+            headers, body = h2_local_reply(status, code, request_id=request_id)
+            state.send_headers(stream.id, headers, end_stream=stream.request.method == b"HEAD")
+            stream.responded = True
+            self.transport.flush()
+        except (StreamClosedError, H2ProtocolError) as exc:
+            raise StreamGone(str(exc)) from exc
+        if stream.request.method != b"HEAD":
+            await self.transport.send_data(stream.id, body, True, self.limits.stream_idle_timeout)
+
+    def _send_headers(self, stream: _Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        try:
+            self.state.send_headers(stream.id, headers, end_stream=end_stream)
+        except (StreamClosedError, H2ProtocolError) as exc:
+            raise StreamGone(str(exc)) from exc
+        stream.responded = True
+        self.transport.flush()
+
+    async def _send_data(self, stream: _Stream, data: bytes, end_stream: bool) -> None:
+        await self.transport.send_data(stream.id, data, end_stream, self.limits.stream_idle_timeout)
+
+    # -- the request body from the client ----------------------------------------------------
+    async def _next_body_piece(self, stream: _Stream) -> bytes | None:
+        """The next piece of the request body (None at its end), waiting for it."""
+        while not stream.body:
+            if stream.ended:
+                return None
+            stream.wake = trio.Event()
+            with trio.move_on_after(self.limits.stream_idle_timeout):
+                await stream.wake.wait()
+                continue
+            raise TimeoutError("request body stalled")
+        return stream.body.popleft()
+
+    def _ack(self, stream: _Stream, n: int) -> None:
+        """`n` body bytes were passed on: the client may send as many more."""
+        stream.buffered -= n
+        if self.transport.broken is None:
+            self.state.acknowledge_received_data(n, stream.id)
+            self.transport.flush()
+
+    # -- HTTP/1.1 upstream -----------------------------------------------------------------
+    async def _forward_h1(self, stream: _Stream, cluster: UpstreamCluster, extra: bytes, timeout: float,
+                          outcome: _Outcome) -> None:
+        request = stream.request
+        # Framing: a body that is here whole goes with the head under its length.
+        whole = stream.ended
+        body = b""
+        if whole:
+            body = b"".join(stream.body)
+            stream.body.clear()
+            if stream.buffered:
+                self._ack(stream, stream.buffered)  # held here now: the connection window reopens
+            if body or request.content_length >= 0 or request.method not in _BODYLESS:
+                framing = b"content-length: %d\r\n" % len(body)
+            else:
+                framing = b""
+            chunked = False
+        elif request.content_length >= 0:
+            framing = b"content-length: %d\r\n" % request.content_length
+            chunked = False
+        else:
+            framing = b"transfer-encoding: chunked\r\n"
+            chunked = True
+        head = h1_request_head(request, extra, framing) + body
+        replayable = whole and request.method in IDEMPOTENT
+        deadline = trio.current_time() + timeout
+        tried: list[int] = []
+        connect_failures = 0
+        fresh_only = False
+        retried = False
+        while True:
+            try:
+                pool = cluster.pick(tried, None)
+            except (CircuitOpenError, NoHealthyUpstreamError) as exc:
+                raise _UpstreamFailed(exc.status, exc.code) from exc
+            up = None if fresh_only else pool.take_idle()
+            reused = up is not None
+            if up is None:
+                try:
+                    with trio.move_on_at(deadline):
+                        up = await pool.open()
+                except CircuitOpenError as exc:
+                    raise _UpstreamFailed(exc.status, exc.code) from exc
+                except UpstreamConnectError as exc:
+                    cluster.record_outcome(pool, 0, exc.code)
+                    tried.append(pool.index)
+                    connect_failures += 1
+                    if connect_failures < min(len(cluster.pools), self.connect_attempts):
+                        continue
+                    raise _UpstreamFailed(exc.status, exc.code) from exc
+                if up is None:
+                    raise _UpstreamFailed(504, "upstream_timeout")
+            if outcome.endpoint is not pool.stats:
+                if outcome.endpoint is not None:
+                    outcome.endpoint.active -= 1
+                outcome.endpoint = pool.stats
+                pool.stats.active += 1
+            try:
+                keep = await self._h1_exchange(stream, up, head, chunked, not whole, reused, deadline, outcome)
+            except _UpstreamFailed as exc:
+                pool.discard(up)
+                if exc.retriable and replayable and not retried:
+                    retried = True
+                    fresh_only = True
+                    cluster.stats.retries += 1
+                    continue
+                cluster.record_outcome(pool, 0, exc.code)
+                raise
+            except BaseException:
+                pool.discard(up)
+                raise
+            if cluster.outlier is not None:
+                cluster.record_outcome(pool, outcome.status, None)
+            if keep:
+                pool.give_back(up)
+            else:
+                pool.discard(up)
+            return
+
+    async def _h1_exchange(self, stream: _Stream, up: UpstreamConn, head: bytes, chunked: bool, streaming: bool,
+                           reused: bool, deadline: float, outcome: _Outcome) -> bool:
+        """Send the request, forward the response; True when `up` may be reused."""
+        try:
+            sent = send_from(up.fd, head, 0)
+            if sent != len(head):
+                await _send_all(up.fd, head, max(sent, 0), self.limits.stream_idle_timeout)
+        except OSError as exc:
+            raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
+        sent_at = monotonic()
+        if not streaming:
+            response = await self._h1_response_head(stream, up, reused, deadline)
+            outcome.upstream_time = monotonic() - sent_at
+            return await self._h1_forward_response(stream, up, response, outcome)
+        # The body streams in a second task while this one waits for the response.
+        body_done = [False]
+        failure: BaseException | None = None
+        keep = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._h1_request_body, stream, up.fd, chunked, body_done)
+            try:
+                response = await self._h1_response_head(stream, up, False, deadline)
+                outcome.upstream_time = monotonic() - sent_at
+                keep = await self._h1_forward_response(stream, up, response, outcome)
+            except (_UpstreamFailed, StreamGone, OSError, TimeoutError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return keep and body_done[0]
+
+    async def _h1_request_body(self, stream: _Stream, fd: int, chunked: bool, done: list[bool]) -> None:
+        idle = self.limits.stream_idle_timeout
+        try:
+            while True:
+                piece = await self._next_body_piece(stream)
+                if piece is None:
+                    break
+                out = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
+                await _send_all(fd, out, 0, idle)
+                self._ack(stream, len(piece))
+            if chunked:
+                trailer = b"".join(b"%s: %s\r\n" % field for field in stream.trailers or ())
+                await _send_all(fd, b"0\r\n" + trailer + b"\r\n", 0, idle)
+            done[0] = True
+        except (OSError, TimeoutError) as exc:
+            log.debug("%s: request body to upstream: %s", self.proxy.listener.name, exc)
+
+    async def _h1_response_head(self, stream: _Stream, up: UpstreamConn, reused: bool,
+                                deadline: float) -> ResponseHead:
+        buf = up.buffer
+        limits = self.proxy.limits
+        method = stream.request.method
+        got_any = False
+        # The reply cannot be here yet: yield once, then try, then wait.
+        await yield_now()
+        while True:
+            if len(buf):
+                got_any = True
+                try:
+                    response = parse_response(buf.data, buf.start, buf.end, limits, method)
+                except ProtocolError as exc:
+                    raise _UpstreamFailed(502, "upstream_protocol_error") from exc
+                if response is not None:
+                    buf.consume(response.size)
+                    if response.status < 200:
+                        continue  # interim; a 101 cannot come (no Upgrade is sent)
+                    return response
+            try:
+                n = buf.recv(up.fd)
+            except OSError as exc:
+                raise _UpstreamFailed(502, "upstream_reset", retriable=reused and not got_any) from exc
+            if n > 0:
+                continue
+            if n == 0:
+                raise _UpstreamFailed(502, "upstream_reset", retriable=reused and not got_any)
+            if n == -2:
+                raise _UpstreamFailed(502, "upstream_protocol_error")
+            with trio.move_on_at(deadline):
+                await trio.lowlevel.wait_readable(up.fd)
+                continue
+            raise _UpstreamFailed(504, "upstream_timeout")
+
+    async def _h1_forward_response(self, stream: _Stream, up: UpstreamConn, response: ResponseHead,
+                                   outcome: _Outcome) -> bool:
+        """Send an HTTP/1 response on as HTTP/2; True when the upstream connection may be
+        reused. Reads the upstream no faster than the client's window takes it."""
+        buf = up.buffer
+        kind = response.body
+        headers = h2_response_headers(response.status, response.headers)
+        if kind == BODY_NONE or (kind == BODY_LENGTH and response.content_length == 0):
+            outcome.status = response.status
+            self._send_headers(stream, headers, True)
+            return response.keep_alive
+        if kind == BODY_CHUNKED:
+            # The first bytes are checked before anything goes out: bad framing is still a 502.
+            scanner = ChunkedScanner(self.proxy.limits, response=True)
+            try:
+                first = scanner.scan(buf.data, buf.start, buf.end)
+            except ProtocolError as exc:
+                raise _UpstreamFailed(502, "upstream_protocol_error") from exc
+            outcome.status = response.status
+            self._send_headers(stream, headers, False)
+            await self._h1_chunked_body(stream, up, scanner, first)
+            return response.keep_alive
+        outcome.status = response.status
+        self._send_headers(stream, headers, False)
+        idle = self.limits.stream_idle_timeout
+        if kind == BODY_LENGTH:
+            left = response.content_length
+            while left:
+                if not len(buf) and not await _recv_some(up, idle):
+                    raise StreamGone("upstream broke off the response body")
+                piece = buf.take(min(len(buf), left))
+                left -= len(piece)
+                await self._send_data(stream, piece, not left)
+            return response.keep_alive
+        # Until close.
+        while True:
+            if not len(buf) and not await _recv_some(up, idle):
+                await self._send_data(stream, b"", True)
+                return False
+            await self._send_data(stream, buf.take(len(buf)), False)
+
+    async def _h1_chunked_body(self, stream: _Stream, up: UpstreamConn, scanner: ChunkedScanner, count: int) -> None:
+        buf = up.buffer
+        decoder = TrailerDecoder()
+        idle = self.limits.stream_idle_timeout
+        while True:
+            data = decoder.feed(buf.take(count)) if count else b""
+            if scanner.done:
+                trailers = h2_trailers(decoder.trailers)
+                if trailers:
+                    if data:
+                        await self._send_data(stream, data, False)
+                    self._send_headers(stream, trailers, True)
+                else:
+                    await self._send_data(stream, data, True)
+                return
+            if data:
+                await self._send_data(stream, data, False)
+            if not await _recv_some(up, idle):
+                raise StreamGone("upstream broke off the chunked response body")
+            try:
+                count = scanner.scan(buf.data, buf.start, buf.end)
+            except ProtocolError as exc:
+                raise StreamGone(f"upstream chunked framing: {exc}") from exc
+
+    # -- HTTP/2 upstream -----------------------------------------------------------------
+    async def _forward_h2(self, stream: _Stream, cluster: UpstreamCluster, headers: list[tuple[bytes, bytes]],
+                          timeout: float, outcome: _Outcome, request_id: bytes) -> None:
+        assert self.upstreams is not None
+        deadline = trio.current_time() + timeout
+        tried: list[int] = []
+        connect_failures = 0
+        retries = 0
+        no_body = stream.ended and not stream.body
+        while True:
+            try:
+                pool = cluster.pick(tried, None)
+            except (CircuitOpenError, NoHealthyUpstreamError) as exc:
+                raise _UpstreamFailed(exc.status, exc.code) from exc
+            endpoint = self.upstreams.endpoint(cluster, pool)
+            upstream: H2ClientStream | None = None
+            try:
+                with trio.move_on_at(deadline):
+                    upstream = await endpoint.open_stream(headers, end_stream=no_body and stream.trailers is None)
+            except CircuitOpenError as exc:
+                raise _UpstreamFailed(exc.status, exc.code) from exc
+            except UpstreamConnectError as exc:
+                cluster.record_outcome(pool, 0, exc.code)
+                tried.append(pool.index)
+                connect_failures += 1
+                if connect_failures < min(len(cluster.pools), self.connect_attempts):
+                    continue
+                raise _UpstreamFailed(exc.status, exc.code) from exc
+            if upstream is None:
+                raise _UpstreamFailed(504, "upstream_timeout")
+            if outcome.endpoint is not pool.stats:
+                if outcome.endpoint is not None:
+                    outcome.endpoint.active -= 1
+                outcome.endpoint = pool.stats
+                pool.stats.active += 1
+            try:
+                await self._h2_exchange(stream, upstream, no_body, deadline, outcome)
+            except H2StreamError as exc:
+                if exc.retriable and retries < 2 and not stream.body_sent:
+                    retries += 1
+                    cluster.stats.retries += 1
+                    continue
+                cluster.record_outcome(pool, 0, "upstream_reset")
+                raise _UpstreamFailed(502, "upstream_reset") from exc
+            finally:
+                upstream.cancel()
+            if cluster.outlier is not None:
+                cluster.record_outcome(pool, outcome.status, None)
+            return
+
+    async def _h2_exchange(self, stream: _Stream, upstream: H2ClientStream, no_body: bool, deadline: float,
+                           outcome: _Outcome) -> None:
+        sent_at = monotonic()
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            if not no_body:
+                nursery.start_soon(self._h2_request_body, stream, upstream)
+            try:
+                with trio.move_on_at(deadline):
+                    status, fields = await upstream.response()
+                if upstream.fields is None:
+                    raise _UpstreamFailed(504, "upstream_timeout")
+                outcome.upstream_time = monotonic() - sent_at
+                outcome.status = status
+                await self._h2_forward_response(stream, upstream, status, fields)
+            except (H2StreamError, _UpstreamFailed, StreamGone, OSError, TimeoutError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            if isinstance(failure, H2StreamError) and stream.responded:
+                raise StreamGone(str(failure)) from failure
+            raise failure
+
+    async def _h2_request_body(self, stream: _Stream, upstream: H2ClientStream) -> None:
+        idle = self.limits.stream_idle_timeout
+        try:
+            while True:
+                piece = await self._next_body_piece(stream)
+                if piece is None:
+                    break
+                stream.body_sent = True
+                await upstream.send_data(piece, False, idle)
+                self._ack(stream, len(piece))
+            if stream.trailers:
+                upstream.send_trailers(stream.trailers)
+            else:
+                await upstream.send_data(b"", True, idle)
+        except (H2StreamError, OSError, TimeoutError) as exc:
+            log.debug("%s: request body to HTTP/2 upstream: %s", self.proxy.listener.name, exc)
+
+    async def _h2_forward_response(self, stream: _Stream, upstream: H2ClientStream, status: int,
+                                   fields: list[tuple[bytes, bytes]]) -> None:
+        if upstream.ended and not upstream.body:
+            # Headers only (a gRPC trailers-only response among them).
+            self._send_headers(stream, h2_response_headers(status, fields), True)
+            return
+        self._send_headers(stream, h2_response_headers(status, fields), False)
+        idle = self.limits.stream_idle_timeout
+        while True:
+            piece = _STALLED
+            with trio.move_on_after(idle):
+                piece = await upstream.receive()
+            if piece is _STALLED:
+                raise TimeoutError(f"upstream sent nothing for {idle:g}s")
+            if piece is None:
+                break
+            await self._send_data(stream, piece, False)
+            upstream.ack(len(piece))
+        if upstream.trailers:
+            self._send_headers(stream, upstream.trailers, True)
+        else:
+            await self._send_data(stream, b"", True)
+
+
+def _bare_request(headers: list[tuple[bytes, bytes]]) -> H2Request:
+    """Enough of a refused request to answer it (its method, whether it is gRPC)."""
+    method = b"GET"
+    grpc = False
+    for name, value in headers:
+        if name == b":method":
+            method = value
+        elif name == b"content-type" and value.startswith(b"application/grpc"):
+            grpc = True
+    return H2Request(method, b"http", None, b"/", [], -1, grpc)
+
+
+async def _send_all(fd: int, data: bytes, offset: int, idle: float) -> None:
+    total = len(data)
+    while offset < total:
+        sent = send_from(fd, data, offset)
+        if sent >= 0:
+            offset += sent
+            continue
+        with trio.move_on_after(idle):
+            await trio.lowlevel.wait_writable(fd)
+            continue
+        raise TimeoutError(f"upstream took nothing for {idle:g}s")
+
+
+async def _recv_some(up: UpstreamConn, idle: float) -> bool:
+    """Read more of a response into `up.buffer`; False at EOF."""
+    buf = up.buffer
+    while True:
+        n = buf.recv(up.fd)
+        if n > 0:
+            return True
+        if n == 0:
+            return False
+        if n == -2:
+            raise StreamGone("upstream buffer full")  # only while a whole buffer waits unsent
+        with trio.move_on_after(idle):
+            await trio.lowlevel.wait_readable(up.fd)
+            continue
+        raise TimeoutError(f"upstream sent nothing for {idle:g}s")
+

@@ -1,0 +1,292 @@
+"""HTTP/2 clients through meshproxy: to HTTP/1.1 and HTTP/2 upstreams, with real clients.
+
+The proxy is meshproxy's real request path (`Http1Proxy`, its route table and clusters,
+the HTTP/2 driver), run in-process by `h2_support.InProcessProxy`; the upstreams are the
+scriptable HTTP/1.1 origin of `http_support` and the HTTP/2 origin of `h2_support`; the
+clients are nghttp and h2load (nghttp2-client) where installed, and the `h2` library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from .h2_support import H2Client, H2Origin, InProcessProxy, pattern
+from .http_support import Origin, chunked, cluster, delay, http_config, respond, route
+
+NGHTTP = shutil.which("nghttp")
+H2LOAD = shutil.which("h2load")
+
+
+@pytest.fixture
+def origin():
+    server = Origin("h1")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def h2_origin():
+    server = H2Origin()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def proxies():
+    started: list[InProcessProxy] = []
+
+    def start(config, **options) -> InProcessProxy:
+        proxy = InProcessProxy(config, **options)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.close()
+
+
+def _config(origin: Origin):
+    routes = [route("api", "up", prefix="/")]
+    return http_config(routes, [cluster("up", [origin])])
+
+
+# -- HTTP/2 to HTTP/1.1 ------------------------------------------------------------------
+
+
+def test_get_through_to_an_http1_origin(origin, proxies):
+    proxy = proxies(_config(origin))
+    client = H2Client(proxy.address)
+    try:
+        response = client.get("/hello?x=1", headers=[(b"x-forwarded-for", b"10.1.1.1"), (b"cookie", b"a=1"),
+                                                      (b"cookie", b"b=2")])
+    finally:
+        client.close()
+    assert response.status == 200
+    seen = origin.wait_requests(1)[0]
+    assert seen.method == "GET" and seen.target == "/hello?x=1" and seen.version == "HTTP/1.1"
+    assert seen.header("host") == "test"
+    assert seen.header("x-forwarded-for") == "10.1.1.1, 127.0.0.1"
+    assert seen.header("x-forwarded-proto") == "http"
+    assert seen.header("x-request-id")
+    assert seen.header("cookie") == "a=1; b=2"
+    body = json.loads(response.body)
+    assert body["target"] == "/hello?x=1"
+
+
+def test_post_bodies_both_framings(origin, proxies):
+    proxy = proxies(_config(origin))
+    client = H2Client(proxy.address)
+    try:
+        known = client.get("/a", method="POST", headers=[(b"content-length", b"5")], body=b"hello")
+        # No content-length, body in pieces: goes chunked, unless it all came with the headers.
+        sid = client.request("/b", method="POST", body=b"x" * 70000, end=False)
+        client.send_body(sid, b"y" * 1000, end=True)
+        streamed = client.wait(sid)
+        empty = client.get("/c", method="POST")
+    finally:
+        client.close()
+    assert known.status == streamed.status == empty.status == 200
+    requests = {r.path: r for r in origin.wait_requests(3)}
+    assert requests["/a"].body == b"hello" and requests["/a"].header("content-length") == "5"
+    assert requests["/b"].body_length == 71000
+    assert requests["/b"].chunked or requests["/b"].header("content-length") == "71000"
+    assert requests["/c"].header("content-length") == "0"
+
+
+def test_chunked_response_trailers_become_h2_trailers(origin, proxies):
+    origin.on("/t", chunked([b"abc", b"defg"], trailers=[("grpc-status", "0"), ("x-sum", "7")]))
+    proxy = proxies(_config(origin))
+    client = H2Client(proxy.address)
+    try:
+        response = client.get("/t", headers=[(b"te", b"trailers")])
+    finally:
+        client.close()
+    assert response.status == 200
+    assert bytes(response.body) == b"abcdefg"
+    assert (b"grpc-status", b"0") in response.trailers and (b"x-sum", b"7") in response.trailers
+    assert response.header(b"transfer-encoding") is None
+
+
+def test_large_response_under_flow_control(origin, proxies):
+    size = 3 << 20
+    origin.on("/big", respond(200, pattern(size)))
+    proxy = proxies(_config(origin))
+    client = H2Client(proxy.address)
+    try:
+        response = client.get("/big", timeout=30)
+    finally:
+        client.close()
+    assert response.status == 200
+    assert hashlib.sha256(response.body).hexdigest() == hashlib.sha256(pattern(size)).hexdigest()
+
+
+def test_errors_are_local_replies_with_codes(origin, upstreams, proxies):
+    refused = upstreams.refused()
+    config = http_config([route("api", "up", prefix="/api"), route("down", "down", prefix="/down")],
+                         [cluster("up", [origin]), cluster("down", [refused.address])])
+    proxy = proxies(config)
+    client = H2Client(proxy.address)
+    try:
+        missing = client.get("/nothing")
+        down = client.get("/down")
+        ok = client.get("/api")
+    finally:
+        client.close()
+    assert missing.status == 404 and missing.header(b"x-meshproxy-error") == b"no_route"
+    assert down.status == 502 and down.header(b"x-meshproxy-error") == b"connect_refused"
+    assert ok.status == 200
+    stats = proxy.stats.listeners["in"].routes
+    assert stats[""].errors.get("no_route") == 1
+    assert stats["down"].errors.get("connect_refused") == 1
+
+
+def test_upstream_timeout_is_504(origin, proxies):
+    origin.on("/slow", delay(3, respond(200, b"late")))
+    config = http_config([route("api", "up", prefix="/", timeout="300ms")], [cluster("up", [origin])])
+    proxy = proxies(config)
+    client = H2Client(proxy.address)
+    try:
+        response = client.get("/slow")
+    finally:
+        client.close()
+    assert response.status == 504 and response.header(b"x-meshproxy-error") == b"upstream_timeout"
+
+
+@pytest.mark.parametrize("bad", [
+    [(b"Upper", b"x")],
+    [(b"connection", b"keep-alive")],
+    [(b"transfer-encoding", b"chunked")],
+    [(b"te", b"gzip")],
+    [(b"x-a", b"bar\r\ntransfer-encoding: chunked")],
+    [(b"x-a", b" padded")],
+    [(b"", b"empty-name")],
+    [(b"host", b"other")],
+], ids=["uppercase", "connection", "transfer-encoding", "te", "crlf", "whitespace", "empty-name",
+        "host-mismatch"])
+def test_malformed_requests_are_reset_and_never_forwarded(origin, proxies, bad):
+    proxy = proxies(_config(origin))
+    client = H2Client(proxy.address)
+    try:
+        sid = client.request("/smuggle", headers=bad)
+        response = client.wait(sid)
+        good = client.get("/after")  # the connection lives on
+    finally:
+        client.close()
+    assert response.reset == 1  # PROTOCOL_ERROR
+    assert good.status == 200
+    assert [r.path for r in origin.wait_requests(1)] == ["/after"]
+
+
+def test_content_length_mismatch_never_reaches_upstream(origin, proxies):
+    proxy = proxies(_config(origin))
+    client = H2Client(proxy.address)
+    try:
+        sid = client.request("/cl", method="POST", headers=[(b"content-length", b"0")],
+                             body=b"GET /admin HTTP/1.1\r\nhost: x\r\n\r\n")
+        client.wait_closed(5)
+    finally:
+        client.close()
+    assert client.responses[sid].status != 200
+    assert all(r.path != "/admin" for r in origin.requests)
+    assert len(origin.requests) <= 1
+
+
+@pytest.mark.skipif(NGHTTP is None, reason="nghttp (nghttp2-client) not installed")
+def test_nghttp_client(origin, proxies, tmp_path):
+    proxy = proxies(_config(origin))
+    body = tmp_path / "body"
+    body.write_bytes(b"z" * 100000)
+    result = subprocess.run([NGHTTP, "-s", "-d", str(body), f"{proxy.url}/upload", f"{proxy.url}/second"],
+                            capture_output=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    requests = {r.path: r for r in origin.wait_requests(2)}
+    assert requests["/upload"].body_length == 100000
+    assert requests["/upload"].method == "POST"
+
+
+@pytest.mark.skipif(H2LOAD is None, reason="h2load (nghttp2-client) not installed")
+def test_h2load_every_request_succeeds(origin, proxies):
+    origin.on("/small", respond(200, b"x" * 100))
+    proxy = proxies(_config(origin))
+    result = subprocess.run([H2LOAD, "-n", "4000", "-c", "8", "-m", "10", f"{proxy.url}/small"],
+                            capture_output=True, timeout=60, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", result.stdout)
+    assert match, result.stdout
+    total, done, succeeded, failed = map(int, match.groups())
+    assert (total, done, succeeded, failed) == (4000, 4000, 4000, 0), result.stdout
+    assert "4000 2xx" in result.stdout
+
+
+# -- HTTP/2 to HTTP/2 --------------------------------------------------------------------
+
+
+def _h2_config(h2_origin: H2Origin, **route_fields):
+    return http_config([route("h2", "grpcish", prefix="/", **route_fields)],
+                       [cluster("grpcish", [h2_origin.endpoint], protocol="http2")])
+
+
+def test_h2_upstream_passes_trailers_and_bodies(h2_origin, proxies):
+    proxy = proxies(_h2_config(h2_origin))
+    client = H2Client(proxy.address)
+    try:
+        trailers = client.get("/trailers", headers=[(b"te", b"trailers")])
+        echo = client.get("/echo", method="POST", body=b"q" * 200000, headers=[(b"content-type", b"text/x")])
+        big = client.get("/big/2000000", timeout=30)
+    finally:
+        client.close()
+    assert trailers.status == 200 and bytes(trailers.body) == b"hello"
+    assert (b"x-checksum", b"abc") in trailers.trailers and (b"grpc-status", b"0") in trailers.trailers
+    seen = json.loads(echo.body)
+    assert seen["body_length"] == 200000
+    names = [n for n, _ in seen["headers"]]
+    assert "x-forwarded-for" in names and "x-request-id" in names
+    assert bytes(big.body) == pattern(2000000)
+
+
+def test_h2_upstream_streams_are_multiplexed(h2_origin, proxies):
+    proxy = proxies(_h2_config(h2_origin))
+    clients = [H2Client(proxy.address) for _ in range(4)]
+    try:
+        sids = [(c, [c.request(f"/slow/0.3?{i}") for i in range(20)]) for c in clients]
+        results = [c.wait(sid) for c, ids in sids for sid in ids]
+    finally:
+        for c in clients:
+            c.close()
+    assert [(r.status, r.reset, r.header(b"x-meshproxy-error")) for r in results if r.status != 200] == []
+    assert h2_origin.connections == 1  # 80 streams, one connection (the origin allows 100)
+    assert h2_origin.max_concurrent > 40
+
+
+def test_h2_upstream_reset_is_502_or_reset(h2_origin, proxies):
+    proxy = proxies(_h2_config(h2_origin))
+    client = H2Client(proxy.address)
+    try:
+        response = client.get("/reset")
+        after = client.get("/fine")
+    finally:
+        client.close()
+    assert response.status == 502 and response.header(b"x-meshproxy-error") == b"upstream_reset"
+    assert after.status == 200
+
+
+def test_drain_sends_goaway_and_finishes_open_streams(h2_origin, proxies):
+    proxy = proxies(_h2_config(h2_origin))
+    client = H2Client(proxy.address)
+    try:
+        sid = client.request("/slow/0.5")
+        client.pump(0.1)
+        threading.Timer(0.1, proxy.drain).start()
+        response = client.wait(sid)
+        assert response.status == 200
+        assert client.wait_closed(5)
+        assert client.goaway is not None and client.goaway.error_code == 0
+    finally:
+        client.close()
