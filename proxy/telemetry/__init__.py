@@ -4,7 +4,6 @@ Pure: no trio, no sockets. Workers record into `WorkerStats` and answer snapshot
 supervisor keeps `Totals` over worker restarts and renders /metrics and /stats/latency.
 """
 
-from .._core.tally import record_request  # in C: the per-request cost
 from .latency import Histograms, LatencyWindow, hgrm, latency_json, select
 from .process import ProcessUsage, read_process_usage
 from .prometheus import CONTENT_TYPE, IdentityStats, SupervisorStats, render_metrics
@@ -43,3 +42,14 @@ __all__ = [
     "render_metrics",
     "select",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # `record_request` is compiled (_core/tally.pyx): loaded on first use, so that what
+    # needs only the pure parts (`meshproxy check` validating an access log format) works
+    # before the extensions are built.
+    if name == "record_request":
+        from .._core.tally import record_request
+
+        return record_request
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
