@@ -4,7 +4,7 @@ the load applied, and the figures that go in the table."""
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import load
+from . import load, mtls, tlsload
 from .report import Column
 
 _KIB, _MIB = 1 << 10, 1 << 20
@@ -15,7 +15,7 @@ class Scenario:
     name: str
     summary: str
     origin: str  # "http" (nginx) or "iperf3": see upstream.py
-    listener: str  # what each target exposes: "tcp" (L4) or "http" (L7, HTTP/1.1)
+    listener: str  # what each target exposes: "tcp" (L4), "http" (L7, HTTP/1.1), "hop", "tls"
     # (port, seconds, settings[, window]): applies the load, marks the measured window
     run_load: Callable[..., load.LoadResult]
     primary: Column  # the headline figure; ratios to direct, nginx and haproxy are taken on it
@@ -43,6 +43,7 @@ _RELOADS = (  # from reload.Reloader, for targets that reload during the window
     Column("PUT max ms", "reload_put_max_ms", ".1f"),
 )
 _MIB_S = Column("MiB/s", "mibps", ",.0f")
+_TLS_TARGETS = ("meshproxy-mtls", "nginx-tls", "haproxy-tls")
 
 
 def _http(name: str, summary: str, listener: str, request: load.HttpRequest,
@@ -97,5 +98,23 @@ ALL: dict[str, Scenario] = {
               "plain and with PUT /config every second (meshproxy+reload)",
               "http", load.HttpRequest(), extra=_RELOADS, needs_rate=True,
               targets=("direct", "meshproxy", "meshproxy+reload")),
+        _http("mtls-hop-keepalive",
+              "GET /hello over 50 kept-alive connections through a hop of two proxies, both on "
+              "CPU 1: plaintext into A, mutual TLS from A to B, B to the origin",
+              mtls.HOP, load.HttpRequest(), targets=("meshproxy-plain", *_TLS_TARGETS)),
+        Scenario(
+            name="mtls-handshakes",
+            summary="A new mutual-TLS connection per request straight into the TLS-terminating "
+                    "proxy (B of the hop): full handshake with a client certificate, GET /hello, "
+                    "close (handshakes/s)",
+            origin="http",
+            listener=mtls.TLS,
+            run_load=tlsload.handshakes,
+            primary=Column("handshakes/s", "hps", ",.0f"),
+            columns=(Column("handshake p50 ms", "handshake_p50_ms", ".2f"),
+                     Column("resumed", "resumed", ",.0f"), *_LATENCY),
+            cost_unit="handshake",
+            targets=_TLS_TARGETS,
+        ),
     )
 }

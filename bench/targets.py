@@ -3,7 +3,8 @@
 Each target writes its config into a fresh work directory and returns the command to run;
 `running` starts it with `taskset -c PROXY_CPU` (unless --no-pin), waits until it accepts, and
 stops it by PID. `listener` names what the scenario needs the target to expose: "tcp" (an L4
-forwarder) or "http" (an HTTP/1.1 reverse proxy with upstream keep-alive).
+forwarder) or "http" (an HTTP/1.1 reverse proxy with upstream keep-alive); the TLS targets of
+bench/mtls.py expose "hop" (two proxies in a chain) and "tls" (a mutual-TLS listener).
 """
 
 import functools
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import collector, proc, reload, upstream
+from . import collector, mtls, proc, reload, upstream
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,21 @@ class Target:
     def during_window(self, proxy: Proxy) -> reload.Background | None:
         """What runs beside the load in the measured window (None: nothing)."""
         return None
+
+    @contextmanager
+    def running(
+        self, listener: str, upstream_port: int, workers: int, workdir: Path, log: Path,
+        cpu: int | None,
+    ) -> Iterator[Proxy]:
+        """Start this target pinned to `cpu`; yield where to send load; stop it on exit. By
+        default: the one process `launch()` describes (none for `direct`)."""
+        port = proc.free_port()
+        launch = self.launch(workdir, listener, port, upstream_port, workers)
+        if launch is None:
+            yield Proxy(upstream_port, None, None)
+            return
+        with proc.started(launch.argv, cpu, log, port, launch.ready_url, launch.env) as process:
+            yield Proxy(port, process, launch.config, launch.admin_url)
 
 
 def _tool(name: str, package: str | None = None) -> str | None:
@@ -358,10 +374,30 @@ class Nghttpx(Target):
         return Launch(argv, config)
 
 
+class MtlsTarget(Target):
+    """A target of the mtls-* scenarios (bench/mtls.py): listener "hop" is a chain of two proxies
+    A -> B on the proxy core (TLS between them for all but meshproxy-plain), "tls" is B's
+    mutual-TLS listener alone; a mesh CA, where there is one, runs on the load core."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.listeners = mtls.LISTENERS[name]
+
+    def missing(self, listener):
+        return mtls.missing(self.name, Meshproxy.command())
+
+    @contextmanager
+    def running(self, listener, upstream_port, workers, workdir, log, cpu):
+        with mtls.started(self.name, listener, upstream_port, workers, workdir, log, cpu,
+                          Meshproxy.command()) as started:
+            yield Proxy(started.port, started.process, started.config, started.admin_url)
+
+
 ALL: dict[str, Target] = {
     t.name: t
     for t in (Direct(), Meshproxy(), Haproxy(), Socat(), Nginx(), MeshproxyReload(), Caddy(),
-              Nghttpx(), RESILIENCE, ACCESS_LOG, *TRACING.values(), LOGS_AND_TRACING)
+              Nghttpx(), RESILIENCE, ACCESS_LOG, *TRACING.values(), LOGS_AND_TRACING,
+              *map(MtlsTarget, mtls.KINDS))
 }
 DEFAULT = ("direct", "meshproxy", "haproxy", "socat", "nginx")  # when a scenario names none
 
@@ -380,10 +416,5 @@ def running(
 ) -> Iterator[Proxy]:
     """Start `target` pinned to `cpu` (None: unpinned); yield where to send load; stop it on
     exit."""
-    port = proc.free_port()
-    launch = target.launch(workdir, listener, port, upstream_port, workers)
-    if launch is None:
-        yield Proxy(upstream_port, None, None)
-        return
-    with proc.started(launch.argv, cpu, log, port, launch.ready_url, launch.env) as process:
-        yield Proxy(port, process, launch.config, launch.admin_url)
+    with target.running(listener, upstream_port, workers, workdir, log, cpu) as proxy:
+        yield proxy

@@ -44,6 +44,12 @@ SCENARIOS: dict[str, dict] = {
         "args": ["--rate", "500"],
         "targets": ["direct", "meshproxy", "meshproxy+reload"],
     },
+    # Two-proxy hops and TLS handshakes, with their own targets.
+    "mtls-hop-keepalive": {"tools": ["nginx", "wrk", "haproxy"],
+                           "targets": ["meshproxy-plain", "meshproxy-mtls", "nginx-tls", "haproxy-tls"]},
+    "mtls-handshakes": {"tools": ["nginx", "haproxy"],
+                        "targets": ["meshproxy-mtls", "nginx-tls", "haproxy-tls"],
+                        "rate_key": "hps", "latency": False},
 }
 
 
