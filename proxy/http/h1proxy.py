@@ -590,12 +590,11 @@ class Http1Proxy:
         assert self.observer is not None
         attempts = (ex.tries + ex.retried) if ex is not None and ex.address is not None else 0
         self.observer.end(
-            obs, head, route=route, cluster=cluster, endpoint=ex.address if ex is not None else None,
-            status=status, error=error, bytes_in=head.size + max(head.content_length, 0),
-            bytes_out=ex.bytes_out if ex is not None else 0, duration=monotonic() - started,
-            upstream=ex.upstream_time if ex is not None else None, attempts=attempts,
-            request_id=request_id, peer=peer, peer_identity=client.identity if client is not None else None,
-            upstream_status=ex.upstream_status if ex is not None else 0)
+            obs, head, route, cluster, ex.address if ex is not None else None, status, error,
+            head.size + max(head.content_length, 0), ex.bytes_out if ex is not None else 0,
+            monotonic() - started, ex.upstream_time if ex is not None else None, attempts, request_id,
+            peer, client.identity if client is not None else None,
+            ex.upstream_status if ex is not None else 0)
 
     async def _run_exchange(self, fd: int, buf: RecvBuffer, ex: _Exchange,
                             pool: EndpointPool | None = None, *, fresh_only: bool = False,

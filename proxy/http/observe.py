@@ -13,18 +13,25 @@ import time
 from collections.abc import Sequence
 
 from .._core.http1 import RequestHead
+from .._core.jsonlog import json_line as c_json_line
 from ..log_sink import AccessLogSink
-from ..telemetry.access_log import AccessLogFilter, AccessRecord, LineFormat
+from ..telemetry.access_log import (
+    AccessLogFilter,
+    AccessRecord,
+    LineFormat,
+    json_line,
+    json_text,
+)
 from ..tracing import (
     PROPAGATION_HEADERS,
     SpanContext,
     client_span,
-    continue_trace,
     decide_sampled,
     extract,
     inject,
     server_span,
 )
+from ..tracing.context import server_and_client
 from ..tracing.exporter import SpanExporter
 
 _PROTOCOLS = {10: "HTTP/1.0", 11: "HTTP/1.1"}
@@ -61,6 +68,7 @@ class Observer:
         self.listener = listener
         self.sink = sink
         self.line_format = line_format
+        self.c_json = line_format is json_line  # the same line, formatted in C
         self.keep = keep
         self.tracing = tracing
         # Incoming trace headers are replaced by ours, never passed on as they came.
@@ -72,31 +80,32 @@ class Observer:
         if tracing is not None and head is not None:
             parent = extract(head.get, tracing.propagation)
             sampled = decide_sampled(parent, tracing.sample_rate, random.random())
-            obs.server = server = continue_trace(parent, sampled)
-            obs.client = client = continue_trace(server, sampled)
-            obs.fields = b"".join(b"%s: %s\r\n" % pair for pair in inject(client, tracing.propagation))
+            obs.server, obs.client = server_and_client(parent, sampled)
+            obs.fields = b"".join([b"%s: %s\r\n" % pair for pair in inject(obs.client, tracing.propagation)])
         return obs
 
-    def end(self, obs: Observation, head: RequestHead | None, *, route: str | None, cluster: str | None,
+    def end(self, obs: Observation, head: RequestHead | None, route: str | None, cluster: str | None,
             endpoint: str | None, status: int, error: str | None, bytes_in: int, bytes_out: int,
             duration: float, upstream: float | None, attempts: int, request_id: bytes | None,
             peer: bytes | None, peer_identity: str | None = None,
             upstream_status: int = 0) -> None:
         """The request was answered (or given up): its access log line and its spans."""
         server = obs.server
-        method = head.method if head is not None else None
-        path = head.path if head is not None else None
-        authority = head.host if head is not None else None
         sink = self.sink
         if sink is not None and self.keep.wants(status, error, random.random()):
-            sink.write(self.line_format(AccessRecord(
-                obs.started_wall, self.listener, route, cluster, endpoint, method, authority, path,
+            record = AccessRecord(
+                obs.started_wall, self.listener, route, cluster, endpoint,
+                head.method if head is not None else None, head.host if head is not None else None,
+                head.path if head is not None else None,
                 _PROTOCOLS.get(head.version, "HTTP/1.1") if head is not None else "HTTP/1.1",
                 status, error, bytes_in, bytes_out, duration * 1e3,
                 upstream * 1e3 if upstream is not None else None, attempts, request_id,
-                server.trace_id if server is not None else None, peer, peer_identity)))
+                server.trace_id if server is not None else None, peer, peer_identity)
+            line = c_json_line(record, json_text) if self.c_json else None
+            sink.write(line if line is not None else self.line_format(record))
         if server is None or not server.sampled or self.tracing is None or head is None:
             return
+        authority = head.host
         end_ns = obs.started_ns + int(duration * 1e9)
         exporter = self.tracing.exporter
         exporter.submit(server_span(
@@ -115,7 +124,9 @@ class Observer:
         """A TCP connection ended: its access log line (connections make no spans)."""
         sink = self.sink
         if sink is not None and self.keep.wants(None, error, random.random()):
-            sink.write(self.line_format(AccessRecord(
+            record = AccessRecord(
                 started_wall, self.listener, None, cluster, endpoint, protocol="tcp", error=error,
                 bytes_in=bytes_in, bytes_out=bytes_out, duration_ms=duration * 1e3, peer=peer,
-                peer_identity=peer_identity)))
+                peer_identity=peer_identity)
+            line = c_json_line(record, json_text) if self.c_json else None
+            sink.write(line if line is not None else self.line_format(record))

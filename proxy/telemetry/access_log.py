@@ -120,7 +120,8 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "backslashreplace") if type(value) is bytes else value  # type: ignore[return-value]
 
 
-def _json_text(value: Text) -> str:
+def json_text(value: Text) -> str:
+    """One text value as JSON (ASCII, escaped), or null."""
     if value is None:
         return "null"
     if type(value) is bytes:
@@ -154,15 +155,15 @@ def json_line(r: AccessRecord) -> str:
      peer_identity) = r
     if protocol == "tcp":
         return _TCP_JSON % (
-            rfc3339_ms(start), _json_text(listener), _json_text(cluster), _json_text(endpoint),
-            _json_text(error), _json_int(bytes_in), _json_int(bytes_out), _json_ms(duration_ms),
-            _json_text(peer), _json_text(peer_identity))
+            rfc3339_ms(start), json_text(listener), json_text(cluster), json_text(endpoint),
+            json_text(error), _json_int(bytes_in), _json_int(bytes_out), _json_ms(duration_ms),
+            json_text(peer), json_text(peer_identity))
     return _HTTP_JSON % (
-        rfc3339_ms(start), _json_text(listener), _json_text(route), _json_text(cluster),
-        _json_text(endpoint), _json_text(method), _json_text(authority), _json_text(path),
-        _json_text(protocol), _json_int(status), _json_text(error), _json_int(bytes_in),
+        rfc3339_ms(start), json_text(listener), json_text(route), json_text(cluster),
+        json_text(endpoint), json_text(method), json_text(authority), json_text(path),
+        json_text(protocol), _json_int(status), json_text(error), _json_int(bytes_in),
         _json_int(bytes_out), _json_ms(duration_ms), _json_ms(upstream_ms), _json_int(attempts),
-        _json_text(request_id), _json_text(trace_id), _json_text(peer), _json_text(peer_identity))
+        json_text(request_id), json_text(trace_id), json_text(peer), json_text(peer_identity))
 
 
 # -- templates ------------------------------------------------------------------------------

@@ -205,3 +205,23 @@ def test_the_filter_comes_before_sampling():
 def test_a_bad_filter_is_refused(changes):
     with pytest.raises(ValueError):
         AccessLogFilter(**changes)
+
+
+@pytest.mark.parametrize("record", [
+    served(),
+    served(status=503, error="connect_refused", attempts=3, upstream_ms=None),
+    served(path="/caf\u00e9?q=\"x\"\\".encode(), authority="h\u2028\u00e9".encode()),
+    served(path=b"/a\x00b\x1f\x7f\xff", request_id=None, trace_id="4bf92f3577b34da6a3ce929d0e0e4736"),
+    served(peer_identity="spiffe://mesh.local/ns/default/sa/web", duration_ms=0.0004999, upstream_ms=12345.6785),
+    served(time=1_700_000_000.9995, route=None, cluster=None, endpoint=None, status=0),
+    AccessRecord(START, "tcp-in", None, "db", "127.0.0.1:5432", protocol="tcp", error="idle_timeout",
+                 bytes_in=10, bytes_out=20, duration_ms=1.5, peer="127.0.0.1"),
+    served(path=b"/" + b"x" * 9000),  # over the C buffer: formatted in Python
+])
+def test_the_compiled_json_line_is_the_same_line(record):
+    from proxy._core.jsonlog import json_line as c_json_line
+    from proxy.telemetry.access_log import json_text
+
+    fast = c_json_line(record, json_text)
+    assert fast is None or fast == json_line(record)
+    assert fast is not None or len(json_line(record)) > 8000

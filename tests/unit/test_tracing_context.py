@@ -245,3 +245,19 @@ def test_the_pure_tracing_and_access_log_modules_load_no_trio():
             "proxy.tracing.endpoint, proxy.telemetry.access_log; print('trio' in sys.modules)")
     result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_server_and_client_spans_drawn_at_once_chain_like_continue_trace():
+    from proxy.tracing.context import server_and_client
+
+    for parent in (None, SpanContext(b"4bf92f3577b34da6a3ce929d0e0e4736", b"00f067aa0ba902b7", True,
+                                     None, b"congo=t61rcWkgMzE")):
+        server, client = server_and_client(parent, True)
+        if parent is None:
+            assert len(server.trace_id) == 32 and server.parent_span_id is None
+        else:
+            assert (server.trace_id, server.parent_span_id, server.tracestate) == (
+                parent.trace_id, parent.span_id, parent.tracestate)
+        assert client.trace_id == server.trace_id and client.parent_span_id == server.span_id
+        assert len(server.span_id) == len(client.span_id) == 16 and server.span_id != client.span_id
+        assert server.sampled is client.sampled is True

@@ -1,0 +1,3 @@
+from collections.abc import Callable
+
+def json_line(r: tuple, fallback: Callable[[object], str]) -> str | None: ...
