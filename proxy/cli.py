@@ -16,7 +16,7 @@ from .config.model import parse_duration
 from .errors import UsageError
 from .logs import LEVELS, setup_logging
 
-COMMANDS = ("run", "check", "demo-upstream", "ca")
+COMMANDS = ("run", "check", "demo", "demo-upstream", "ca")
 
 
 def _address(text: str) -> Address:
@@ -33,6 +33,27 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    """`20`, `20s` or `2m`: a positive number of seconds."""
+    try:
+        seconds = float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 24h, got {text!r}")
+    return seconds
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of requests per second, got {text!r}") from None
+    if not 1 <= rate <= 5000:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 5000 requests per second, got {text!r}")
+    return rate
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshproxy",
@@ -47,6 +68,24 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file and print every error")
     check.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
+
+    demo = commands.add_parser(
+        "demo", help="the mesh in a box: a CA, sidecars with mTLS, demo services and load, live",
+        description="Start a small mesh on this machine and watch it: the CA, a frontend and a "
+                    "backend in two versions (v1, v2), each behind its own sidecar, mTLS and an "
+                    "authorization policy between them, a 90/10 canary split and a load generator. "
+                    "Keys: s shifts the canary, b breaks backend v2, f fixes it, r shows the "
+                    "certificates, q quits. On exit an HDR latency report is written.")
+    demo.add_argument("--duration", type=_seconds, metavar="S",
+                      help="run unattended for S seconds (break and fix v2 half-way), print a summary; "
+                           "exit 0 if at least 99%% of the requests succeeded, else 1")
+    demo.add_argument("--netns", action="store_true",
+                      help="each service in its own network namespace and veth pair (root only)")
+    demo.add_argument("--rate", type=_rate, default=200.0, metavar="R",
+                      help="requests per second sent to the frontend (default 200)")
+    demo.add_argument("--report-dir", type=Path, default=Path("meshproxy-demo-report"), metavar="DIR",
+                      help="where the report goes (default ./meshproxy-demo-report)")
+    demo.set_defaults(log_level="warning")
 
     upstream = commands.add_parser("demo-upstream", help="run a tiny HTTP origin for trying meshproxy out")
     upstream.add_argument("--address", type=_address, default=Address("127.0.0.1", 9001),
@@ -74,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="host:port to listen on (default 127.0.0.1:15012)")
     ca_serve.add_argument("--log-level", choices=LEVELS, default="info")
 
-    for sub in (run, check, upstream, ca, ca_init, ca_token, ca_serve):
+    for sub in (run, check, demo, upstream, ca, ca_init, ca_token, ca_serve):
         sub.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     return parser
 
@@ -115,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
 
             config = _load(args.config)
             raise SystemExit(supervisor.run(config, args.log_level, args.config))
+        if args.command == "demo":
+            from .demo.session import DemoOptions, run_demo
+
+            options = DemoOptions(duration=args.duration, netns=args.netns, rate=args.rate,
+                                  report_dir=args.report_dir)
+            raise SystemExit(run_demo(options))
         if args.command == "demo-upstream":
             import trio
 
