@@ -201,7 +201,8 @@ class Http1Proxy:
         """
         self.listener = listener
         self.routes = RouteTable.compile(listener.routes)
-        self.authz = Policy.compile(listener.policy, self.stats)
+        authz = Policy.compile(listener.policy, self.stats)
+        self.authz: Policy | None = None if authz.empty else authz  # None: everyone is allowed
         self.policies = compile_policies(listener.routes, self.policies, monotonic())
         self.clusters = clusters
         limits = listener.limits or HttpLimits()
@@ -374,7 +375,7 @@ class Http1Proxy:
         started = monotonic()
         obs = self.observer.begin(head) if self.observer is not None else None
         authz = self.authz
-        if not authz.empty and not _authorized(authz, client, head):
+        if authz is not None and not _authorized(authz, client, head):
             request_id = head.get(b"x-request-id")
             record_request(self.route_stats[UNROUTED], None, None, 403, "forbidden", monotonic() - started, None)
             if obs is not None:
