@@ -214,10 +214,11 @@ class DataPlane:
                 self._start_health_checks(upstream)
         for name, current in self.clusters.items():
             if clusters.get(name) is not current:
-                current.retire()
-                scope = self._health_checks.pop(name, None)
-                if scope is not None and clusters.get(name) is None:
-                    scope.cancel()
+                current.retire()  # a replacement started its own checker already
+                if name not in clusters:
+                    scope = self._health_checks.pop(name, None)
+                    if scope is not None:
+                        scope.cancel()
         self.clusters = clusters
         if self.h2_upstreams is not None:
             self.h2_upstreams.retain(clusters.values())  # replaced clusters' pools say GOAWAY

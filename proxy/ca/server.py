@@ -22,6 +22,9 @@ from .api import ApiRequest, ApiResponse, CaApi
 log = logging.getLogger("meshproxy.ca")
 
 MAX_BODY = 64 * 1024
+# After refusing a request early, its body is read away for up to this long and this much.
+LINGER_TIME = 2.0
+LINGER_BYTES = 4 * MAX_BODY
 MAX_CONNECTIONS = 256
 REQUEST_TIMEOUT = 10.0
 
@@ -99,6 +102,21 @@ async def _send(conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
     await stream.send_all(data)
 
 
+async def _linger(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """After an early error reply: read away what the client is still sending (bounded in
+    bytes and time), so that closing does not reset the connection before it reads the reply."""
+    received = 0
+    with trio.move_on_after(LINGER_TIME):
+        try:
+            while received < LINGER_BYTES:
+                data = await stream.receive_some(16384)
+                if not data:
+                    return
+                received += len(data)
+        except trio.BrokenResourceError:
+            return
+
+
 async def _serve_requests(api: CaApi, stream: trio.SSLStream[trio.SocketStream],
                           client: tuple[str, int]) -> None:
     client_cert = stream.getpeercert(binary_form=True)  # verified in the handshake, or None
@@ -114,6 +132,7 @@ async def _serve_requests(api: CaApi, stream: trio.SSLStream[trio.SocketStream],
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _send(conn, stream, ApiResponse.error(status, code, message,
                                                                 (("connection", "close"),)))
+                    await _linger(stream)
                 return
             if request is None:
                 return

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import logging
 import random
-import re
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -55,12 +54,13 @@ from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectEr
 from ..net.sched import yield_now
 from ..net.tcp_proxy import relay_until_done
 from ..net.tls_bridge import DownstreamPeer, TlsBridges
-from ..policy.authz import Policy
+from ..policy.authz import Policy, decide_request
 from ..policy.fault import fault_action
 from ..policy.retry import IDEMPOTENT, may_replay
 from ..policy.sampling import mirror_cluster
 from ..route import RouteTable
 from ..telemetry import UNROUTED, EndpointStats, ListenerStats, record_request
+from ..tracing import PROPAGATION_HEADERS
 from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
 from ..upstream.h2pool import H2Upstreams
 from .dechunk import ChunkedDecoder
@@ -93,6 +93,8 @@ MAX_MIRRORS_IN_FLIGHT = 64
 # Request headers the proxy sets itself (hop-by-hop ones go in serialize()); a client
 # certificate header is never taken from the client.
 REPLACED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"x-forwarded-client-cert")
+# ... and, with tracing on, the client's trace context, which ours replaces.
+REPLACED_AND_TRACE_HEADERS = REPLACED_HEADERS + tuple(sorted(PROPAGATION_HEADERS))
 
 
 class _RequestIds:
@@ -265,7 +267,7 @@ class Http1Proxy:
                 # where HTTP/1 refuses it, so HTTP/1 clients pay nothing for it.
                 if (first and buf.data[buf.start:buf.start + 4] == PREFACE[:4]
                         and await read_preface(fd, buf, self.idle_timeout)):
-                    await serve_h2(self, fd, buf.take(len(buf)), peer)
+                    await serve_h2(self, fd, buf.take(len(buf)), peer, client=client)
                     return
                 record_request(self.route_stats[UNROUTED], None, None, exc.status, exc.code, 0.0, None)
                 reply = local_reply(exc.status, exc.code, str(exc), close=True)
@@ -373,13 +375,15 @@ class Http1Proxy:
         """Proxy one request; True when the client connection stays open. `client` is the
         verified mTLS peer, None on a plaintext connection."""
         started = monotonic()
-        obs = self.observer.begin(head) if self.observer is not None else None
+        # The observer this request started with: a reload may replace or remove it meanwhile.
+        observer = self.observer
+        obs = observer.begin(head) if observer is not None else None
         authz = self.authz
         if authz is not None and not _authorized(authz, client, head):
             request_id = head.get(b"x-request-id")
             record_request(self.route_stats[UNROUTED], None, None, 403, "forbidden", monotonic() - started, None)
             if obs is not None:
-                self._observed(obs, head, None, None, None, 403, "forbidden", started, request_id, peer,
+                self._observed(observer, obs, head, None, None, None, 403, "forbidden", started, request_id, peer,
                                client)
             return await self._refuse(fd, head, 403, "forbidden", request_id)
         # A CONNECT target has no path; it matches routes as "/" would.
@@ -388,19 +392,19 @@ class Http1Proxy:
         if route is None:
             record_request(self.route_stats[UNROUTED], None, None, 404, "no_route", monotonic() - started, None)
             if obs is not None:
-                self._observed(obs, head, None, None, None, 404, "no_route", started, request_id, peer, client)
+                self._observed(observer, obs, head, None, None, None, 404, "no_route", started, request_id, peer, client)
             return await self._refuse(fd, head, 404, "no_route", request_id)
         cluster = self.clusters[route.cluster or self.routes.pick_cluster(route, random.random())]
         # Looked up now: a reload during the request may drop the route's name.
         route_stats = self.route_stats[route.name]
         policies = self.policies.get(route.name)
-        if policies is not None:
+        if policies is not None and (policies.rate_limit is not None or policies.fault is not None):
             refusal = await self._admit(policies)
             if refusal is not None:
                 status, code = refusal
                 record_request(route_stats, cluster.stats, None, status, code, monotonic() - started, None)
                 if obs is not None:
-                    self._observed(obs, head, route.name, cluster.name, None, status, code, started,
+                    self._observed(observer, obs, head, route.name, cluster.name, None, status, code, started,
                                    request_id, peer, client)
                 return await self._refuse(fd, head, status, code, request_id)
         if cluster.http2:
@@ -408,14 +412,10 @@ class Http1Proxy:
             # read: say so instead.
             record_request(route_stats, cluster.stats, None, 502, "upstream_protocol_unsupported",
                            monotonic() - started, None)
-            return await self._refuse(fd, head, 502, "upstream_protocol_unsupported", request_id)
-        circuit = cluster.circuit
-        if circuit is not None and not circuit.try_acquire(REQUESTS):
-            record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
             if obs is not None:
-                self._observed(obs, head, route.name, cluster.name, None, 503, "circuit_open", started,
-                               request_id, peer, client)
-            return await self._refuse(fd, head, 503, "circuit_open", request_id)
+                self._observed(observer, obs, head, route.name, cluster.name, None, 502,
+                               "upstream_protocol_unsupported", started, request_id, peer, client)
+            return await self._refuse(fd, head, 502, "upstream_protocol_unsupported", request_id)
 
         forwarded_for = head.get(b"x-forwarded-for")
         if forwarded_for is not None:
@@ -430,7 +430,7 @@ class Http1Proxy:
         tunnel = head.upgrade is not None or head.method == b"CONNECT"
         if obs is not None and obs.fields:
             extra.append(obs.fields)  # trace context for the upstream, replacing the client's
-            drop = REPLACED_HEADERS + self.observer.drop
+            drop = REPLACED_AND_TRACE_HEADERS
         else:
             drop = REPLACED_HEADERS
         extra_fields = b"".join(extra)
@@ -450,17 +450,23 @@ class Http1Proxy:
                 body_len = len(buffered)
                 request += buffered
             except ProtocolError as exc:
-                if circuit is not None:
-                    circuit.release(REQUESTS)
                 record_request(route_stats, cluster.stats, None, exc.status, exc.code,
                                monotonic() - started, None)
                 if obs is not None:
-                    self._observed(obs, head, route.name, cluster.name, None, exc.status, exc.code, started,
+                    self._observed(observer, obs, head, route.name, cluster.name, None, exc.status, exc.code, started,
                                    request_id, peer, client)
                 return await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
         else:
             body = _NO_BODY
 
+        # Taken here, with no wait before the `try` that gives it back.
+        circuit = cluster.circuit
+        if circuit is not None and not circuit.try_acquire(REQUESTS):
+            record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
+            if obs is not None:
+                self._observed(observer, obs, head, route.name, cluster.name, None, 503, "circuit_open",
+                               started, request_id, peer, client)
+            return await self._refuse(fd, head, 503, "circuit_open", request_id)
         ex = _Exchange(head, cluster, request, body, tunnel,
                        timeout=route.timeout or DEFAULT_ROUTE_TIMEOUT,
                        key=cluster.hash_key(head.get, peer) if cluster.hash_on is not None else None,
@@ -475,7 +481,8 @@ class Http1Proxy:
                 # Replayable: the whole body came with the head, within the retry buffer.
                 ex.replayable = body.complete and body_len <= retry.max_body_bytes
             if policies.mirror is not None and body.complete and not tunnel:
-                self._mirror(policies, head, extra_fields, request[len(request) - body_len:] if body_len else b"")
+                self._mirror(policies, head, extra_fields, drop,
+                             request[len(request) - body_len:] if body_len else b"")
         try:
             if body is _NO_BODY and not tunnel and not cluster.load_aware:
                 try:
@@ -581,16 +588,18 @@ class Http1Proxy:
             record_request(route_stats, cluster.stats, endpoint, ex.status, ex.error,
                            monotonic() - started, ex.upstream_time)
             if obs is not None:
-                self._observed(obs, head, route.name, cluster.name, ex, ex.status, ex.error, started,
+                self._observed(observer, obs, head, route.name, cluster.name, ex, ex.status, ex.error, started,
                                request_id, peer, client)
 
-    def _observed(self, obs: Observation, head: RequestHead, route: str | None, cluster: str | None,
-                  ex: _Exchange | None, status: int, error: str | None, started: float,
-                  request_id: bytes | None, peer: bytes, client: DownstreamPeer | None) -> None:
+    @staticmethod
+    def _observed(observer: Observer | None, obs: Observation, head: RequestHead, route: str | None,
+                  cluster: str | None, ex: _Exchange | None, status: int, error: str | None,
+                  started: float, request_id: bytes | None, peer: bytes,
+                  client: DownstreamPeer | None) -> None:
         """Hand a finished request to the observer (access log line, spans)."""
-        assert self.observer is not None
+        assert observer is not None
         attempts = (ex.tries + ex.retried) if ex is not None and ex.address is not None else 0
-        self.observer.end(
+        observer.end(
             obs, head, route, cluster, ex.address if ex is not None else None, status, error,
             head.size + max(head.content_length, 0), ex.bytes_out if ex is not None else 0,
             monotonic() - started, ex.upstream_time if ex is not None else None, attempts, request_id,
@@ -697,7 +706,8 @@ class Http1Proxy:
             if not circuit.try_acquire(RETRIES):
                 return False
             ex.retry_held = True  # until the next retry, or the end of the exchange
-        budget.try_spend(monotonic())
+        if not budget.try_spend(monotonic()):
+            return False  # the window moved since can_retry: the budget decides
         ex.tries += 1
         ex.cluster.stats.retries += 1
         delay = retry.backoff(ex.tries - 1, random.random())
@@ -706,7 +716,8 @@ class Http1Proxy:
         ex.start_try()
         return True
 
-    def _mirror(self, policies: RoutePolicies, head: RequestHead, extra: bytes, body: bytes) -> None:
+    def _mirror(self, policies: RoutePolicies, head: RequestHead, extra: bytes, drop: tuple[bytes, ...],
+                body: bytes) -> None:
         """Shadow a copy of the request to the mirror cluster, in a task of its own beside
         the connections' (so a drain waits for it, up to MIRROR_TIMEOUT)."""
         target = mirror_cluster(policies.mirror, random.random())
@@ -714,7 +725,7 @@ class Http1Proxy:
         nursery = trio.lowlevel.current_task().parent_nursery
         if cluster is None or nursery is None or self.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
             return
-        request = head.serialize(extra + b"x-meshproxy-shadow: 1\r\n", False, REPLACED_HEADERS) + body
+        request = head.serialize(extra + b"x-meshproxy-shadow: 1\r\n", False, drop) + body
         self.mirrors_in_flight += 1
         nursery.start_soon(self._send_mirror, cluster, request, head.method)
 
@@ -819,7 +830,11 @@ class Http1Proxy:
                             connect_failures = 0
                             continue
                         raise _UpstreamFailed(exc.status, exc.code) from exc
-                    if up is None:
+                    if up is None:  # the try's deadline passed while connecting
+                        cluster.record_outcome(pool, 0, "upstream_timeout")
+                        if ex.policies is not None and await self._may_retry(ex, 0, "upstream_timeout"):
+                            tried.append(pool.index)
+                            continue
                         raise _UpstreamFailed(504, "upstream_timeout")
             except (CircuitOpenError, NoHealthyUpstreamError) as exc:
                 raise _UpstreamFailed(exc.status, exc.code) from exc
@@ -1203,17 +1218,8 @@ _NO_BODY = _NoBody()
 
 
 def _authorized(authz: Policy, client: DownstreamPeer | None, head: RequestHead) -> bool:
-    """The listener policy's verdict on a request. A path with dot segments or encoded
-    dots or slashes is refused outright: the upstream may resolve it to a path the
-    policy never saw (`/api/../admin`)."""
-    path = head.path or b"/"
-    if _AMBIGUOUS_PATH.search(path):
-        return False
-    return authz.decide(client.identity if client is not None else None, head.method, path)
-
-
-# "/." or "/.." as a whole segment, or a percent-encoded ".", "/" or "\".
-_AMBIGUOUS_PATH = re.compile(rb"/\.\.?(?:/|$)|%2[eEfF]|%5[cC]")
+    return decide_request(authz, client.identity if client is not None else None, head.method,
+                          head.path or b"/")
 
 
 def _switches_protocol(head: RequestHead, response: ResponseHead) -> bool:

@@ -103,7 +103,7 @@ CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connectio
                                  b"upgrade"})
 # Fields the proxy sets itself on the way upstream.
 REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"host", b"te", b"content-length",
-                      b"cookie"})
+                      b"cookie", b"x-forwarded-client-cert"})
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _NAME = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")

@@ -65,6 +65,7 @@ from .._core.splice import monotonic
 from ..cluster.circuit import REQUESTS
 from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
 from ..net.sched import yield_now
+from ..policy.authz import decide_request
 from ..policy.retry import IDEMPOTENT
 from ..telemetry import UNROUTED, EndpointStats, record_request
 from ..upstream import UpstreamCluster, UpstreamConn
@@ -95,6 +96,7 @@ from .h2codec import (
 from .h2transport import H2Transport, StreamGone
 
 if TYPE_CHECKING:
+    from ..net.tls_bridge import DownstreamPeer
     from .h1proxy import Http1Proxy
 
 log = logging.getLogger("meshproxy.http2")
@@ -143,14 +145,17 @@ async def read_preface(fd: int, buf: RecvBuffer, timeout: float) -> bool:
 
 
 async def serve_h2(proxy: Http1Proxy, fd: int, already_read: bytes = b"", peer: bytes = b"", *,
-                   limits: H2Limits | None = None, upstreams: H2Upstreams | None = None) -> None:
+                   limits: H2Limits | None = None, upstreams: H2Upstreams | None = None,
+                   client: DownstreamPeer | None = None) -> None:
     """Serve one HTTP/2 connection until it ends. `already_read`: the bytes read from the
     client so far (the preface at least). The caller owns and closes `fd`.
 
     `upstreams`: the worker's HTTP/2 upstream pools (`proxy.h2_upstreams` when unset);
-    without any, this connection keeps its own for its lifetime."""
+    without any, this connection keeps its own for its lifetime. `client`: the verified
+    mTLS peer, for the listener's policy and `x-forwarded-client-cert`."""
     conn = H2ServerConnection(proxy, fd, peer, limits or getattr(proxy, "h2_limits", None) or H2Limits(),
                               upstreams or getattr(proxy, "h2_upstreams", None))
+    conn.client = client
     await conn.run(already_read)
 
 
@@ -218,6 +223,7 @@ class H2ServerConnection:
         self.proxy = proxy
         self.fd = fd
         self.peer = peer
+        self.client: DownstreamPeer | None = None  # the verified mTLS peer, if any
         self.limits = limits
         self.upstreams = upstreams
         # As for HTTP/1 requests: the route timeout when a route sets none, connect attempts
@@ -521,8 +527,15 @@ class H2ServerConnection:
         started = monotonic()
         routes = proxy.routes
         route_stats_all = proxy.route_stats
-        route = routes.match(request.method, request.authority, request.route_path, request.get)
         request_id = request.get(b"x-request-id")
+        client = self.client
+        if proxy.authz is not None and not decide_request(
+                proxy.authz, client.identity if client is not None else None, request.method,
+                request.route_path or b"/"):
+            record_request(route_stats_all[UNROUTED], None, None, 403, "forbidden", monotonic() - started, None)
+            await self._local_reply(stream, 403, "forbidden", request_id)
+            return
+        route = routes.match(request.method, request.authority, request.route_path, request.get)
         if route is None:
             record_request(route_stats_all[UNROUTED], None, None, 404, "no_route", monotonic() - started, None)
             await self._local_reply(stream, 404, "no_route", request_id)
@@ -578,14 +591,20 @@ class H2ServerConnection:
         before any response went out is answered locally."""
         request = stream.request
         try:
-            if getattr(cluster.config, "protocol", "http1") == "http2":
-                extra = [(b"x-forwarded-for", forwarded_for), (b"x-forwarded-proto", b"http")]
+            client = self.client
+            if cluster.http2:
+                extra = [(b"x-forwarded-for", forwarded_for),
+                         (b"x-forwarded-proto", b"http" if client is None else b"https")]
+                if client is not None:
+                    extra.append((b"x-forwarded-client-cert", client.xfcc))
                 if extra_id:
                     extra.append((b"x-request-id", request_id))
                 await self._forward_h2(stream, cluster, h2_request_headers(request, extra), timeout, outcome,
                                        request_id)
             else:
-                fields = [b"x-forwarded-for: ", forwarded_for, b"\r\nx-forwarded-proto: http\r\n"]
+                fields = [b"x-forwarded-for: ", forwarded_for,
+                          b"\r\nx-forwarded-proto: http\r\n" if client is None else
+                          b"\r\nx-forwarded-proto: https\r\nx-forwarded-client-cert: " + client.xfcc + b"\r\n"]
                 if extra_id:
                     fields += [b"x-request-id: ", request_id, b"\r\n"]
                 await self._forward_h1(stream, cluster, b"".join(fields), timeout, outcome)

@@ -18,6 +18,7 @@ Pure: no I/O, no trio.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -112,3 +113,16 @@ class Policy:
             if rule.matches(identity, method, path):
                 return True
         return False
+
+
+# "/." or "/.." as a whole segment, or a percent-encoded ".", "/" or "\\".
+_AMBIGUOUS_PATH = re.compile(rb"/\.\.?(?:/|$)|%2[eEfF]|%5[cC]")
+
+
+def decide_request(policy: Policy, identity: str | None, method: bytes, path: bytes) -> bool:
+    """The policy's verdict on an HTTP request (`path` without its query). A path with dot
+    segments or encoded dots or slashes is refused outright: the upstream may resolve it to
+    a path the policy never saw (`/api/../admin`)."""
+    if _AMBIGUOUS_PATH.search(path):
+        return False
+    return policy.decide(identity, method, path)

@@ -185,6 +185,9 @@ class UpstreamCluster:
         self.stats = stats
         self.balancer = make_balancer(cluster)
         self.hash_on = cluster.hash_on
+        # What `hash_key` looks up, encoded once.
+        self._hash_header = cluster.hash_on.header.encode() if cluster.hash_on and cluster.hash_on.header else None
+        self._hash_cookie = cluster.hash_on.cookie.encode() if cluster.hash_on and cluster.hash_on.cookie else None
         # Balancers that steer by requests in flight or latency need to be told.
         self.load_aware = cluster.lb in ("least_request", "peak_ewma")
         self.http2 = cluster.protocol == "http2"  # spoken upstream: HTTP/2 clients only, for now
@@ -220,7 +223,10 @@ class UpstreamCluster:
             if unusable:
                 if len(unusable) == len(self.pools):
                     raise NoHealthyUpstreamError("no healthy endpoint")
-                exclude = unusable.union(exclude)
+                both = unusable.union(exclude)
+                # Every usable endpoint was tried: a retry goes to one of them again rather
+                # than to an unhealthy one.
+                exclude = both if len(both) < len(self.pools) else unusable
         return self.pools[self.balancer.pick(exclude, key)]
 
     def record_outcome(self, pool: EndpointPool, status: int, error: str | None) -> None:
@@ -276,10 +282,10 @@ class UpstreamCluster:
         hash_on = self.hash_on
         if hash_on is None:
             return None
-        if hash_on.header is not None:
-            return header(hash_on.header.encode())
-        if hash_on.cookie is not None:
-            return _cookie(header(b"cookie"), hash_on.cookie.encode())
+        if self._hash_header is not None:
+            return header(self._hash_header)
+        if self._hash_cookie is not None:
+            return _cookie(header(b"cookie"), self._hash_cookie)
         return peer
 
     def close_expired(self) -> None:
