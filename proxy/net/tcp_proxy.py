@@ -24,14 +24,13 @@ import trio
 from .._core import sockops
 from .._core.splice import Relay, RelayEngine, monotonic
 from ..config import Listener
-from ..errors import UpstreamConnectError
+from ..errors import ProxyError, UpstreamConnectError
 from ..policy import Policy
 from ..telemetry import ListenerStats
-from .connect import connect
 
 if TYPE_CHECKING:
     from ..http.observe import Observer
-    from ..upstream import UpstreamCluster
+    from ..upstream import EndpointPool, UpstreamCluster
     from .tls_bridge import TlsBridges
 
 log = logging.getLogger("meshproxy.tcp")
@@ -71,10 +70,10 @@ class TcpProxy:
     def update(self, listener: Listener, cluster: UpstreamCluster) -> None:
         """Take a new config version: connections accepted from now on use it."""
         self.listener = listener
+        self.upstream = cluster
         self.cluster = cluster.config
         self.balancer = cluster.balancer
         self.policy = Policy.compile(listener.policy, self.stats)
-        self.upstream_ids = cluster.config.tls.identity if cluster.config.tls is not None else None
         hash_on = cluster.config.hash_on
         # Only the source address exists at L4; header/cookie keys fall back to random.
         self.hash_source_ip = hash_on is not None and bool(hash_on.source_ip)
@@ -90,6 +89,7 @@ class TcpProxy:
         stats = self.stats
         upstream_fd = -1
         endpoint = -1
+        pool: EndpointPool | None = None
         reset_fd = -1
         outcome = _Outcome()
         if self.observer is not None:
@@ -99,14 +99,15 @@ class TcpProxy:
                 outcome.error = "forbidden"
                 return
             try:
-                upstream_fd, endpoint, connect_time = await self._connect(client_fd)
-            except UpstreamConnectError as exc:
+                upstream_fd, pool, connect_time = await self._connect(client_fd)
+            except ProxyError as exc:  # refused, unhealthy, breaker open: no upstream
                 stats.connect_failures += 1
                 outcome.error = exc.code
                 log.info("%s: closing client: %s", self.listener.name, exc)
                 return
             # For L4 the balancer's "request" is the connection: least_request
             # counts open connections, peak_ewma learns connect latency.
+            endpoint = pool.index
             self.balancer.on_request_start(endpoint)
             reset_fd = await self._relay(client_fd, upstream_fd, outcome)
         finally:
@@ -120,6 +121,8 @@ class TcpProxy:
                     sockops.reset_close(fd)
                 elif fd >= 0:
                     sockops.close_fd(fd)
+            if pool is not None:
+                pool.connection_closed()
 
     def _allowed(self, client_fd: int) -> bool:
         peer = self.tls.peer(client_fd) if self.tls is not None else None
@@ -133,27 +136,28 @@ class TcpProxy:
         peer = self.tls.peer(client_fd) if self.tls is not None else None
         return peer.ip if peer is not None else sockops.peer_ip(client_fd)
 
-    async def _connect(self, client_fd: int) -> tuple[int, int, float]:
-        """(fd, endpoint index, seconds the connect took), trying endpoints in turn. With
-        `tls` on the cluster the fd is the plaintext end of an mTLS connection whose peer
-        is one of the cluster's identities (a refused one counts as a failed connect)."""
-        endpoints = self.cluster.endpoints
-        timeout = self.cluster.connect_timeout
+    async def _connect(self, client_fd: int) -> tuple[int, EndpointPool, float]:
+        """(fd, endpoint, seconds the connect took), trying endpoints in turn as the cluster
+        picks them: healthy and not ejected, within its circuit breaker. With `tls` on the
+        cluster the fd is the plaintext end of an mTLS connection whose peer is one of the
+        cluster's identities (a refused one counts as a failed connect)."""
+        upstream = self.upstream
         key = self._client_ip(client_fd).encode() if self.hash_source_ip else None
         tried: list[int] = []
         last_error: UpstreamConnectError | None = None
-        for _ in range(min(len(endpoints), MAX_CONNECT_ATTEMPTS)):
-            index = self.balancer.pick(tried, key)
-            tried.append(index)
+        for _ in range(min(len(upstream.pools), MAX_CONNECT_ATTEMPTS)):
+            pool = upstream.pick(tried, key)
+            tried.append(pool.index)
             started = monotonic()
             try:
-                fd = await connect(endpoints[index].address, timeout)
-                if self.upstream_ids is not None and self.tls is not None:
-                    fd = await self.tls.originate(fd, self.upstream_ids)
-                return fd, index, monotonic() - started
+                fd = await pool.connect()
             except UpstreamConnectError as exc:
                 log.debug("%s: %s", self.listener.name, exc)
+                upstream.record_outcome(pool, 0, exc.code)
                 last_error = exc
+                continue
+            upstream.record_outcome(pool, 200, None)  # a connection made: a success, at L4
+            return fd, pool, monotonic() - started
         assert last_error is not None  # the cluster has at least one endpoint (config invariant)
         raise last_error
 

@@ -100,8 +100,16 @@ class EndpointPool:
         return None
 
     async def open(self) -> UpstreamConn:
-        """A new connection; CircuitOpenError when the cluster's breaker allows no more
-        connections or connects waiting, UpstreamConnectError when the connect fails."""
+        """A new pooled connection (see `connect` for the errors)."""
+        fd = await self.connect()
+        self.active += 1
+        return UpstreamConn(fd, self.index, self.circuit)
+
+    async def connect(self) -> int:
+        """A new connection's fd (with `tls`, the plaintext end of the mTLS bridge), owned by
+        the caller. It holds one of the breaker's connections until `connection_closed`
+        (an UpstreamConn does that itself). CircuitOpenError when the cluster's breaker allows
+        no more connections or connects waiting, UpstreamConnectError when the connect fails."""
         circuit = self.circuit
         if circuit is not None:
             if not circuit.try_acquire(CONNECTIONS):
@@ -123,8 +131,12 @@ class EndpointPool:
             if circuit is not None:
                 circuit.release(PENDING)
         self.cluster_stats.connections += 1
-        self.active += 1
-        return UpstreamConn(fd, self.index, circuit)
+        return fd
+
+    def connection_closed(self) -> None:
+        """A connection from `connect` was closed by its owner."""
+        if self.circuit is not None:
+            self.circuit.release(CONNECTIONS)
 
     def give_back(self, conn: UpstreamConn) -> None:
         """Return a connection whose last response was fully delivered."""
