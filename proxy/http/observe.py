@@ -55,8 +55,8 @@ class Observation:
     __slots__ = ("client", "fields", "server", "started_ns", "started_wall")
 
     def __init__(self) -> None:
-        self.started_wall = time.time()
         self.started_ns = time.time_ns()
+        self.started_wall = self.started_ns / 1e9
         self.server: SpanContext | None = None  # the proxy's server span (trace id for the log)
         self.client: SpanContext | None = None  # the span the upstream sees as its parent
         self.fields = b""  # trace context header lines for the upstream request
@@ -70,7 +70,11 @@ class Observer:
         self.line_format = line_format
         self.c_json = line_format is json_line  # the same line, formatted in C
         self.keep = keep
+        # The default filter keeps every line: no need to ask it, or to roll a die, per request.
+        self.keep_all = keep.sample_rate >= 1.0 and keep.only is None and not keep.min_status
         self.tracing = tracing
+        # W3C alone and no vendor state (the usual case): one header line, formatted directly.
+        self.w3c_only = tracing is not None and tracing.propagation == ("w3c",)
         # Incoming trace headers are replaced by ours, never passed on as they came.
         self.drop: tuple[bytes, ...] = tuple(PROPAGATION_HEADERS) if tracing is not None else ()
 
@@ -80,8 +84,13 @@ class Observer:
         if tracing is not None and head is not None:
             parent = extract(head.get, tracing.propagation)
             sampled = decide_sampled(parent, tracing.sample_rate, random.random())
-            obs.server, obs.client = server_and_client(parent, sampled)
-            obs.fields = b"".join([b"%s: %s\r\n" % pair for pair in inject(obs.client, tracing.propagation)])
+            obs.server, obs.client = client_parent = server_and_client(parent, sampled)
+            client = client_parent[1]
+            if self.w3c_only and client.tracestate is None:
+                obs.fields = b"traceparent: 00-%s-%s-%s\r\n" % (client.trace_id, client.span_id,
+                                                                 b"01" if sampled else b"00")
+            else:
+                obs.fields = b"".join([b"%s: %s\r\n" % pair for pair in inject(client, tracing.propagation)])
         return obs
 
     def end(self, obs: Observation, head: RequestHead | None, route: str | None, cluster: str | None,
@@ -92,7 +101,7 @@ class Observer:
         """The request was answered (or given up): its access log line and its spans."""
         server = obs.server
         sink = self.sink
-        if sink is not None and self.keep.wants(status, error, random.random()):
+        if sink is not None and (self.keep_all or self.keep.wants(status, error, random.random())):
             record = AccessRecord(
                 obs.started_wall, self.listener, route, cluster, endpoint,
                 head.method if head is not None else None, head.host if head is not None else None,
