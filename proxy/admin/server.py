@@ -175,20 +175,21 @@ async def serve_admin(
                                task_status=task_status)
 
 
-def bind_listening_socket(address: Address) -> socket.socket:
-    """Bind and listen on the admin address (port 0 picks one)."""
+def bind_listening_socket(address: Address, what: str = "admin") -> socket.socket:
+    """Bind and listen on `address` (port 0 picks one), for a small h11 server: the admin
+    plane, the CA, the demo services. Failures are UsageErrors naming `what` address."""
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         family, kind, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise UsageError(f"admin address {address}: {exc}") from exc
+        raise UsageError(f"{what} address {address}: {exc}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise UsageError(f"cannot listen on admin address {address}: {exc.strerror}") from exc
+        raise UsageError(f"cannot listen on {what} address {address}: {exc.strerror}") from exc
     return sock

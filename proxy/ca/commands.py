@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives import serialization
 
+from ..admin.server import bind_listening_socket
 from ..config import Address
 from ..errors import UsageError
 from ..identity.spiffe import SpiffeId, check_trust_domain
@@ -19,7 +20,7 @@ from . import directory
 from .api import CaApi
 from .certs import make_serving_cert
 from .failures import FailureLimiter
-from .server import bind, serve_ca, server_context
+from .server import serve_ca, server_context
 
 log = logging.getLogger("meshproxy.ca")
 
@@ -65,7 +66,7 @@ def serve(path: Path, address: Address) -> None:
                                         serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
     context = server_context(chain, key_pem, client_ca_pem=ca.trust_bundle_pem)
-    sock = bind(address)
+    sock = bind_listening_socket(address, "CA")
     api = CaApi(ca, directory.token_store(path), FailureLimiter())
     host, port = sock.getsockname()[:2]
     log.info("CA for spiffe://%s listening on https://%s", ca.trust_domain, Address(host, port))

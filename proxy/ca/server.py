@@ -14,8 +14,6 @@ import h11
 import trio
 
 from .. import __version__
-from ..config import Address
-from ..errors import UsageError
 from ..identity.tls import load_cert_chain
 from .api import ApiRequest, ApiResponse, CaApi
 
@@ -41,23 +39,6 @@ def server_context(cert_chain_pem: bytes, key_pem: bytes, client_ca_pem: bytes |
         context.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
     load_cert_chain(context, cert_chain_pem, key_pem)
     return context
-
-
-def bind(address: Address) -> socket.socket:
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise UsageError(f"CA address {address}: {exc}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on CA address {address}: {exc.strerror}") from exc
-    return sock
 
 
 class _TooLarge(Exception):
