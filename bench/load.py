@@ -202,7 +202,7 @@ def openloop(port: int, request: HttpRequest, seconds: int, settings: Settings,
             connections=settings.connections, cpu=settings.cpu,
             on_start=window.begin, on_end=window.end,
         )
-    except RuntimeError as e:
+    except (RuntimeError, BenchError) as e:
         raise BenchError(f"open-loop generator: {e}") from e
     counts = result.counts
     # Achieved rate and cost count the responses that came in while the schedule ran: a target

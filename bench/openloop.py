@@ -69,8 +69,20 @@ _CONNECTING, _IDLE, _BUSY = 0, 1, 2
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "state", "intended", "out", "head", "body_left", "chunked",
-                 "until_eof", "status", "close_after", "got_bytes")
+    __slots__ = (
+        "body_left",
+        "chunked",
+        "close_after",
+        "fd",
+        "got_bytes",
+        "head",
+        "intended",
+        "out",
+        "sock",
+        "state",
+        "status",
+        "until_eof",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -477,28 +489,14 @@ def run(host: str, port: int, request: Request, *, rate: float, duration: float,
         argvs.append(argv)
         children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          cwd=_package_root()))
-    reports, problems = [], []
     limit = _START_DELAY + duration + _GRACE + grace_timeout
     try:
         _sleep_until(start - _MARK_AHEAD)
         on_start()
         _sleep_until(start + duration)
         on_end()
-        for child in children:
-            out, err = child.communicate(timeout=limit)
-            if child.returncode != 0:
-                problems.append(f"exit {child.returncode}: {err.decode(errors='replace')[-800:]}")
-            else:
-                reports.append(json.loads(out))
-    except subprocess.TimeoutExpired:
-        problems.append(f"a generator process did not finish within {limit:.0f}s")
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-    if problems:
-        raise RuntimeError("; ".join(problems))
+        reports = proc.gather_json(children, limit)
     latency = hdr.merged(r["latency"] for r in reports)
     lag = hdr.merged(r["lag"] for r in reports)
     counts: collections.Counter[str] = collections.Counter()

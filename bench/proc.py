@@ -4,6 +4,7 @@ The machine has two cores: the proxy under test gets PROXY_CPU to itself; the lo
 the origin and this harness share LOAD_CPU.
 """
 
+import json
 import os
 import random
 import signal
@@ -29,6 +30,29 @@ _STOP_GRACE = 5.0
 def pinned(argv: list[str], cpu: int | None) -> list[str]:
     """`argv` run with `taskset -c CPU`, or as it is when `cpu` is None (--no-pin)."""
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
+def gather_json(children: list[subprocess.Popen], limit: float) -> list:
+    """The JSON report each load generator process prints, waiting up to `limit` seconds for
+    each; BenchError naming what went wrong when one fails or hangs (it is killed)."""
+    reports, problems = [], []
+    try:
+        for child in children:
+            out, err = child.communicate(timeout=limit)
+            if child.returncode != 0:
+                problems.append(f"exit {child.returncode}: {err.decode(errors='replace')[-800:]}")
+            else:
+                reports.append(json.loads(out))
+    except subprocess.TimeoutExpired:
+        problems.append(f"a generator process did not finish within {limit:.0f}s")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if problems:
+        raise BenchError("; ".join(problems))
+    return reports
 
 
 def free_port() -> int:

@@ -372,28 +372,14 @@ def handshakes(port: int, seconds: int, settings: Settings,
         argvs.append(argv)
         children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          cwd=_package_root()))
-    reports, problems = [], []
     limit = _START_DELAY + seconds + GRACE + 30
     try:
         time.sleep(max(0.0, start - _MARK_AHEAD - time.monotonic()))
         window.begin()
         time.sleep(max(0.0, start + seconds - time.monotonic()))
         window.end()
-        for child in children:
-            out, err = child.communicate(timeout=limit)
-            if child.returncode != 0:
-                problems.append(f"exit {child.returncode}: {err.decode(errors='replace')[-800:]}")
-            else:
-                reports.append(json.loads(out))
-    except subprocess.TimeoutExpired:
-        problems.append(f"a generator process did not finish within {limit:.0f}s")
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-    if problems:
-        raise BenchError("handshake generator: " + "; ".join(problems))
+        reports = proc.gather_json(children, limit)
     counts = {key: sum(r["counts"][key] for r in reports) for key in reports[0]["counts"]}
     completed = counts["completed_in_window"]
     if completed == 0:
