@@ -1,13 +1,22 @@
-"""HTTP/2 from clients (cleartext, prior knowledge): one driver per connection, one task
-per stream.
+"""HTTP/2 from clients (cleartext, prior knowledge): one driver per connection, a pool of
+worker tasks for its streams.
 
 `Http1Proxy.serve` hands a connection here when its first bytes are the HTTP/2 preface
-(`h2codec.is_h2_preface`). The connection's reader feeds the client's bytes through the
-frame watch (`InboundFrames`: floods, oversized header blocks, rapid reset) into h2's
-state machine and dispatches its events; every request runs in a stream task that takes
-the same path as an HTTP/1 request — route → route policies → cluster (circuit breaker,
-pick) → endpoint → upstream — using the listener's `Http1Proxy` for the route table,
-clusters and stats of the config version in effect when the stream starts.
+(`h2codec.is_h2_preface`). The connection's reader feeds the client's bytes to the
+protocol state (`_core.h2conn.H2Conn`: frames, HPACK, stream states, flow control and the
+flood watch, in C) and dispatches the events it returns. Each request is served by a
+worker task of the connection, taking the same path as an HTTP/1 request — route → route
+policies → cluster (circuit breaker, pick) → endpoint → upstream — with the listener's
+`Http1Proxy` for the route table, clusters and stats of the config version in effect when
+the stream starts. A worker that finishes its stream waits for the next one: a stream
+costs a wake-up, not a task.
+
+What the state queues for the client (responses, acknowledgements, window updates) is
+written by the connection's writer task when it next runs, so what all streams produced
+in one scheduler pass goes out in one send. Output is bounded: past `outbound_cap` bytes
+queued, the reader stops reading and streams stop sending, so a client that does not
+read slows only its own connection; one that reads nothing for `write_stall_timeout`
+loses it.
 
 Upstream is HTTP/1.1 through the endpoint's keep-alive pool (`EndpointPool`), or HTTP/2
 through `upstream.h2pool` when the cluster says `protocol: http2` (gRPC needs that).
@@ -27,30 +36,28 @@ refuses newer streams, and closes once the open ones have finished.
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import outcome
 import trio
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import (
-    DataReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    SettingsAcknowledged,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import ProtocolError as H2ProtocolError
-from h2.exceptions import StreamClosedError
-from h2.settings import SettingCodes, Settings
-from h2.stream import StreamState
 
+from .._core.h2conn import (
+    CLOSED,
+    EV_DATA,
+    EV_GOAWAY,
+    EV_REQUEST,
+    EV_RESET,
+    EV_TRAILERS,
+    EV_WINDOW,
+    HALF_CLOSED_LOCAL,
+    H2Conn,
+    StreamClosed,
+)
 from .._core.http1 import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -71,7 +78,6 @@ from ..telemetry import UNROUTED, EndpointStats, record_request
 from ..upstream import UpstreamCluster, UpstreamConn
 from ..upstream.h2pool import H2ClientStream, H2StreamError, H2Upstreams
 from .h2codec import (
-    ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
     NO_ERROR,
     PREFACE,
@@ -79,7 +85,6 @@ from .h2codec import (
     REFUSED_STREAM,
     H2Limits,
     H2Request,
-    InboundFrames,
     MalformedRequest,
     TrailerDecoder,
     grpc_error_headers,
@@ -93,7 +98,7 @@ from .h2codec import (
     parse_request,
     parse_trailers,
 )
-from .h2transport import H2Transport, StreamGone
+from .h2transport import StreamGone
 
 if TYPE_CHECKING:
     from ..net.tls_bridge import DownstreamPeer
@@ -159,17 +164,6 @@ async def serve_h2(proxy: Http1Proxy, fd: int, already_read: bytes = b"", peer: 
     await conn.run(already_read)
 
 
-class _ServerState(H2Connection):
-    """h2's state machine, except that a stream over the advertised concurrency limit
-    reaches the driver (which refuses it with REFUSED_STREAM, a stream error) instead of
-    ending the whole connection as h2 would."""
-
-    @property
-    def open_inbound_streams(self) -> int:
-        H2Connection.open_inbound_streams.fget(self)  # type: ignore[attr-defined]  # forgets closed streams
-        return 0
-
-
 class _UpstreamFailed(Exception):
     """Nothing of a response was sent to the client yet: a local reply follows."""
 
@@ -183,14 +177,15 @@ class _UpstreamFailed(Exception):
 class _Stream:
     """One client stream: its request, the body as it arrives, what was answered."""
 
-    __slots__ = ("body", "body_sent", "buffered", "ended", "id", "request", "reset", "responded", "scope",
-                 "trailers", "wake")
+    __slots__ = ("body", "body_sent", "buffered", "ended", "id", "received", "request", "reset", "responded",
+                 "scope", "trailers", "wake")
 
     def __init__(self, stream_id: int, request: H2Request, ended: bool) -> None:
         self.id = stream_id
         self.request = request
         self.body: deque[bytes] = deque()
         self.buffered = 0  # body bytes received and not yet acknowledged
+        self.received = 0  # body bytes received in all
         self.body_sent = False  # some of the body went upstream: the request cannot be replayed
         self.ended = ended  # the client sent END_STREAM
         self.trailers: list[tuple[bytes, bytes]] | None = None
@@ -231,27 +226,22 @@ class H2ServerConnection:
         self.route_timeout = h1proxy.DEFAULT_ROUTE_TIMEOUT
         self.connect_attempts = h1proxy.MAX_CONNECT_ATTEMPTS
         self.request_ids = h1proxy._request_ids
-        config = H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
-                                 normalize_inbound_headers=False, validate_outbound_headers=False,
-                                 normalize_outbound_headers=False)
-        self.state = _ServerState(config)
-        self.state.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
-        })
-        self.state.decoder.max_header_list_size = limits.max_header_list_size
-        self.transport = H2Transport(fd, self.state, limits)
-        self.frames = InboundFrames(limits, preface=len(PREFACE))
+        self.conn = H2Conn(limits, len(PREFACE))
+        self.out = self.conn.out  # what the writer sends; the state appends to it
         self.streams: dict[int, _Stream] = {}
-        self.highest = 0  # highest stream id taken
         self.goaway_last: int | None = None  # set once a GOAWAY went out: newer streams are refused
         self.peer_done = False  # the client sent GOAWAY: it opens no more streams
-        self.settings_acked = False  # the client acknowledged our SETTINGS
         self.closed_reason: str | None = None
+        self.broken: str | None = None  # why the connection can no longer be written to
         self._nursery: trio.Nursery | None = None
         self._read_wait: trio.CancelScope | None = None
         self._idle_since = 0.0
+        self._idle_workers: list[trio.lowlevel.Task] = []
+        self._writer: trio.lowlevel.Task | None = None
+        self._writer_parked = False
+        self._room = trio.Event()  # set while the outbound queue is under its cap
+        self._room.set()
+        self._windows: dict[int, trio.Event] = {}  # streams waiting for send window
 
     # -- the connection ----------------------------------------------------------------
     async def run(self, already_read: bytes) -> None:
@@ -262,14 +252,10 @@ class H2ServerConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.transport.cancel_scope = nursery.cancel_scope
                 if self.upstreams is None:
                     self.upstreams = H2Upstreams(nursery, self.limits)
-                state = self.state
-                state.initiate_connection()
-                state.increment_flow_control_window(self.limits.connection_window - 65535)
-                self.transport.flush()
-                nursery.start_soon(self.transport.run_writer)
+                self.conn.initiate()
+                nursery.start_soon(self._run_writer)
                 self._idle_since = trio.current_time()
                 if self.proxy.draining:
                     self.drain()
@@ -277,7 +263,7 @@ class H2ServerConnection:
                     await self._read_loop(already_read)
                 except Exception:  # a bug must cost one connection, not the worker
                     log.exception("%s: HTTP/2 connection failed", self.proxy.listener.name)
-                await self.transport.drain_output(1.0)
+                await self._drain_output(1.0)
                 nursery.cancel_scope.cancel()
         finally:
             live.discard(self)
@@ -288,8 +274,9 @@ class H2ServerConnection:
     def drain(self) -> None:
         """GOAWAY now; close once the streams taken so far have finished."""
         if self.goaway_last is None:
-            self.goaway_last = self.highest
-            self.transport.send_goaway(self.highest, NO_ERROR)
+            self.goaway_last = self.conn.highest
+            self.conn.goaway(self.conn.highest, NO_ERROR)
+            self._flush()
         self._wake_reader()
 
     def _wake_reader(self) -> None:
@@ -300,12 +287,14 @@ class H2ServerConnection:
         """End the connection at once: GOAWAY with `error_code`."""
         self.closed_reason = reason
         if self.goaway_last is None:
-            self.goaway_last = self.highest
-        self.transport.send_goaway(self.highest, error_code, reason.encode()[:128])
+            self.goaway_last = self.conn.highest
+        self.conn.goaway(self.conn.highest, error_code, reason.encode()[:128])
+        self._flush()
 
     async def _read_loop(self, data: bytes) -> None:
         fd = self.fd
         limits = self.limits
+        conn = self.conn
         buf = RecvBuffer(READ_SIZE)
         while True:
             if data:
@@ -314,9 +303,9 @@ class H2ServerConnection:
                 data = b""
             if (self.goaway_last is not None or self.peer_done) and not self.streams:
                 return
-            if self.transport.queued > limits.outbound_cap:
+            if len(self.out) > limits.outbound_cap:
                 # The client does not read what it asked for: read no more of its asks.
-                await self.transport.wait_room()
+                await self._wait_room()
             try:
                 n = buf.recv(fd)
             except OSError:
@@ -327,8 +316,8 @@ class H2ServerConnection:
             if n == 0:
                 return
             now = trio.current_time()
-            if self.frames.in_header_block:
-                deadline = self.frames.block_started + limits.header_timeout
+            if conn.in_header_block:
+                deadline = conn.block_started + limits.header_timeout
                 why = "header_timeout"
             elif not self.streams:
                 deadline = self._idle_since + limits.idle_timeout
@@ -349,142 +338,137 @@ class H2ServerConnection:
 
     def _receive(self, data: bytes) -> bool:
         """Take bytes from the client; False when the connection must end."""
-        frames = self.frames
+        conn = self.conn
         now = trio.current_time()
-        data = frames.feed(data, now)
-        if frames.violation is not None:
-            self._cut_off(ENHANCE_YOUR_CALM, frames.violation)
-            return False
-        if frames.goaways:
-            self.peer_done = True
-            if any(code != NO_ERROR for _, code, _ in frames.goaways):
-                return False
-            frames.goaways.clear()
-        if not data:
-            return True
-        try:
-            events = self.state.receive_data(data)
-        except H2ProtocolError as exc:
-            # h2 queued a GOAWAY with the error's code.
-            self.closed_reason = f"protocol error: {exc}"
-            self.transport.flush()
-            return False
-        for event in events:
-            if isinstance(event, DataReceived):
-                self._on_data(event)
-            elif isinstance(event, RequestReceived):
-                self._on_request(event, now)
-            elif isinstance(event, StreamEnded):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.ended = True
-                    stream.wake.set()
-            elif isinstance(event, WindowUpdated):
-                self.transport.window_opened(event.stream_id)
-            elif isinstance(event, StreamReset):
-                stream = self.streams.get(event.stream_id)
+        events = conn.receive(data, now)
+        ok = True
+        for kind, stream_id, value, flag in events:
+            if kind == EV_REQUEST:
+                self._on_request(stream_id, value, flag, now)
+            elif kind == EV_DATA:
+                self._on_data(stream_id, value, flag)
+            elif kind == EV_WINDOW:
+                self._window_opened(stream_id)
+            elif kind == EV_RESET:
+                stream = self.streams.get(stream_id)
                 if stream is not None:
                     stream.reset = True
                     stream.scope.cancel()
-            elif isinstance(event, TrailersReceived):
-                stream = self.streams.get(event.stream_id)
+                self._window_opened(stream_id)
+            elif kind == EV_TRAILERS:
+                stream = self.streams.get(stream_id)
                 if stream is not None:
                     try:
-                        stream.trailers = parse_trailers(event.headers)
+                        stream.trailers = parse_trailers(value)
                     except MalformedRequest:
-                        self.frames.note_reset(now)
+                        conn.note_reset(now)
                         stream.reset = True
                         stream.scope.cancel()
-                        self._refuse(stream.id, PROTOCOL_ERROR)
+                        conn.reset(stream_id, PROTOCOL_ERROR)
                         continue
                     stream.ended = True
                     stream.wake.set()
-            elif isinstance(event, SettingsAcknowledged):
-                self.settings_acked = True
-            elif (isinstance(event, RemoteSettingsChanged)
-                  and SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings):
-                self.transport.window_opened(0)
-        if frames.violation is not None:  # a reset counted while handling the events
-            self._cut_off(ENHANCE_YOUR_CALM, frames.violation)
-            return False
-        self.transport.flush()
-        return True
+            elif kind == EV_GOAWAY:
+                self.peer_done = True
+                if value != NO_ERROR:
+                    ok = False
+        if conn.error is not None:
+            self.closed_reason = conn.violation or f"protocol error: {conn.error[1]}"
+            ok = False
+        self._flush()
+        return ok
 
-    def _on_data(self, event: DataReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+    def _on_data(self, stream_id: int, data: bytes, ended: bool) -> None:
+        stream = self.streams.get(stream_id)
         if stream is None or stream.reset:
             # Answered already, or refused: nobody reads it, the window opens at once.
-            self.state.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self.conn.ack(stream_id, len(data))
             return
-        padding = event.flow_controlled_length - len(event.data)
-        if padding:
-            self.state.acknowledge_received_data(padding, event.stream_id)
-        if event.data:
-            stream.body.append(event.data)
-            stream.buffered += len(event.data)
-        if event.stream_ended is not None:
+        if data:
+            stream.received += len(data)
+            stream.body.append(data)
+            stream.buffered += len(data)
+        expected = stream.request.content_length
+        if expected >= 0 and (stream.received > expected or ended and stream.received != expected):
+            # Malformed (RFC 9113 §8.1.1): none of the body goes anywhere.
+            log.debug("%s: stream %d: body of %d bytes against content-length %d", self.proxy.listener.name,
+                      stream_id, stream.received, expected)
+            self.conn.note_reset(trio.current_time())
+            self.conn.reset(stream_id, PROTOCOL_ERROR)
+            stream.body.clear()
+            stream.reset = True
+            stream.scope.cancel()
+            return
+        if ended:
             stream.ended = True
         stream.wake.set()
 
-    def _on_request(self, event: RequestReceived, now: float) -> None:
-        stream_id = event.stream_id
-        self.highest = max(self.highest, stream_id)
+    def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool, now: float) -> None:
+        conn = self.conn
         if self.goaway_last is not None and stream_id > self.goaway_last:
-            self._refuse(stream_id, REFUSED_STREAM)
+            conn.reset(stream_id, REFUSED_STREAM)
             return
         # The limit binds once the client has acknowledged it; before that (a client may
         # open streams before it reads our SETTINGS) up to twice as many are taken. Streams
-        # count as the protocol sees them, plus a margin for tasks still finishing.
+        # count as the protocol sees them (this one included), plus a margin for workers
+        # still finishing.
         limit = self.limits.max_concurrent_streams
-        if not self.settings_acked:
+        if not conn.settings_acked:
             limit *= 2
-        if len(self.streams) >= limit and (len(self.streams) >= 2 * limit
-                                           or self._open_streams() >= limit):
-            self.frames.note_reset(now)  # past the advertised limit: counts as abuse
-            self._refuse(stream_id, REFUSED_STREAM)
+        if len(self.streams) >= limit and (len(self.streams) >= 2 * limit or conn.open_streams > limit):
+            conn.note_reset(now)  # past the advertised limit: counts as abuse
+            conn.reset(stream_id, REFUSED_STREAM)
             return
         proxy = self.proxy
         limits = proxy.listener.limits
         try:
             if limits is None:
-                request = parse_request(event.headers)
+                request = parse_request(headers)
             else:
-                request = parse_request(event.headers, limits.max_header_bytes, limits.max_headers)
+                request = parse_request(headers, limits.max_header_bytes, limits.max_headers)
         except MalformedRequest as exc:
             if exc.status is None:
                 log.debug("%s: malformed HTTP/2 request: %s", proxy.listener.name, exc)
-                self.frames.note_reset(now)
-                self._refuse(stream_id, exc.error_code)
+                conn.note_reset(now)
+                conn.reset(stream_id, exc.error_code)
                 record_request(proxy.route_stats[UNROUTED], None, None, 400, exc.code, 0.0, None)
                 return
-            stream = _Stream(stream_id, _bare_request(event.headers), event.stream_ended is not None)
-            self._start(stream, self._refuse_stream, exc.status, exc.code)
+            self._start(_Stream(stream_id, _bare_request(headers), ended), self._refuse_stream, exc.status,
+                        exc.code)
             return
-        self._start(_Stream(stream_id, request, event.stream_ended is not None), self._serve_stream)
+        if ended and request.content_length > 0:
+            log.debug("%s: stream %d: no body against content-length %d", proxy.listener.name, stream_id,
+                      request.content_length)
+            conn.note_reset(now)
+            conn.reset(stream_id, PROTOCOL_ERROR)
+            return
+        self._start(_Stream(stream_id, request, ended), self._serve_stream)
 
-    def _open_streams(self) -> int:
-        """Streams the client has open, per the protocol (a task may still be finishing
-        one whose response is complete)."""
-        h2streams = self.state.streams
-        count = 0
-        for stream_id in self.streams:
-            h2stream = h2streams.get(stream_id)
-            if h2stream is not None and not h2stream.closed:
-                count += 1
-        return count
-
-    def _refuse(self, stream_id: int, error_code: int) -> None:
-        try:
-            self.state.reset_stream(stream_id, error_code)
-        except (StreamClosedError, H2ProtocolError):
-            pass
-
+    # -- the workers -----------------------------------------------------------------------
     def _start(self, stream: _Stream, handler: Any, *args: Any) -> None:
+        """Serve `stream` in an idle worker, or in a new one when all are busy."""
         self.streams[stream.id] = stream
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_stream, stream, handler, *args)
+        job = (stream, handler, args)
+        if self._idle_workers:
+            trio.lowlevel.reschedule(self._idle_workers.pop(), outcome.Value(job))
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._worker, job)
 
-    async def _run_stream(self, stream: _Stream, handler: Any, *args: Any) -> None:
+    async def _worker(self, job: tuple[_Stream, Any, tuple[Any, ...]]) -> None:
+        task = trio.lowlevel.current_task()
+        idle = self._idle_workers
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            idle.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            await self._run_stream(*job)
+            idle.append(task)
+            job = await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _run_stream(self, stream: _Stream, handler: Any, args: tuple[Any, ...]) -> None:
         try:
             with stream.scope:
                 await handler(stream, *args)
@@ -494,7 +478,7 @@ class H2ServerConnection:
             log.exception("%s: stream %d failed", self.proxy.listener.name, stream.id)
         finally:
             del self.streams[stream.id]
-            self.transport.forget(stream.id)
+            self._window_opened(stream.id)
             self._close_stream(stream)
             if not self.streams:
                 self._idle_since = trio.current_time()
@@ -504,17 +488,115 @@ class H2ServerConnection:
         """After the handler: give back the connection window of body bytes nobody read,
         and reset the stream if it is still open: with NO_ERROR when the response is
         complete and only the client's body is still coming (RFC 9113 §8.1)."""
-        if self.transport.broken is not None:
+        if self.broken is not None:
             return
-        state = self.state
+        conn = self.conn
         if stream.buffered:
-            state.acknowledge_received_data(stream.buffered, stream.id)
+            conn.ack(stream.id, stream.buffered)
             stream.buffered = 0
-        h2stream = state.streams.get(stream.id)
-        if h2stream is not None and not h2stream.closed:
-            code = NO_ERROR if h2stream.state_machine.state == StreamState.HALF_CLOSED_LOCAL else INTERNAL_ERROR
-            self._refuse(stream.id, code)
-        self.transport.flush()
+        state = conn.stream_state(stream.id)
+        if state != CLOSED:
+            conn.reset(stream.id, NO_ERROR if state == HALF_CLOSED_LOCAL else INTERNAL_ERROR)
+        self._flush()
+
+    # -- sending ---------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """The state queued bytes: the writer sends them when it next runs."""
+        if self._writer_parked and self.out:
+            self._writer_parked = False
+            trio.lowlevel.reschedule(self._writer)
+        if len(self.out) > self.limits.outbound_cap and self._room.is_set():
+            self._room = trio.Event()
+
+    async def _run_writer(self) -> None:
+        """Write what is queued as the socket takes it; on a write error, or a client that
+        reads nothing for `write_stall_timeout`, mark the connection broken and end it."""
+        self._writer = trio.lowlevel.current_task()
+        fd = self.fd
+        out = self.out
+        limits = self.limits
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._writer_parked = False
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            if not out:
+                self._writer_parked = True
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                continue
+            try:
+                sent = send_from(fd, out, 0)
+            except OSError as exc:
+                self._fail(f"send: {exc}")
+                return
+            if sent > 0:
+                del out[:sent]
+                if len(out) <= limits.outbound_cap // 2 and not self._room.is_set():
+                    self._room.set()
+                continue
+            with trio.move_on_after(limits.write_stall_timeout):
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            self._fail(f"client read nothing for {limits.write_stall_timeout:g}s")
+            return
+
+    async def _drain_output(self, timeout: float) -> None:
+        """Wait (up to `timeout`) until everything queued is written, e.g. a final GOAWAY."""
+        out = self.out
+        with trio.move_on_after(timeout):
+            while out and self.broken is None:
+                try:
+                    sent = send_from(self.fd, out, 0)
+                except OSError:
+                    return
+                if sent > 0:
+                    del out[:sent]
+                else:
+                    await trio.lowlevel.wait_writable(self.fd)
+
+    def _fail(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            log.debug("h2 connection broken: %s", reason)
+        self.out.clear()
+        self._room.set()
+        for event in self._windows.values():
+            event.set()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _wait_room(self) -> None:
+        """Wait while the client has more than `outbound_cap` bytes waiting for it."""
+        while len(self.out) > self.limits.outbound_cap and self.broken is None:
+            await self._room.wait()
+        if self.broken is not None:
+            raise StreamGone(self.broken)
+
+    def _window_opened(self, stream_id: int) -> None:
+        """The client opened send window on `stream_id` (0: the connection, or all
+        streams), or the stream ended: wake who waits for it."""
+        if stream_id:
+            event = self._windows.get(stream_id)
+            if event is not None:
+                event.set()
+        else:
+            for event in self._windows.values():
+                event.set()
+
+    async def _wait_window(self, stream_id: int) -> None:
+        event = self._windows.get(stream_id)
+        if event is None or event.is_set():
+            event = self._windows[stream_id] = trio.Event()
+        idle = self.limits.stream_idle_timeout
+        try:
+            with trio.move_on_after(idle):
+                await event.wait()
+                return
+            raise TimeoutError(errno.ETIMEDOUT, f"no send window for {idle:g}s")
+        finally:
+            if self._windows.get(stream_id) is event:
+                del self._windows[stream_id]
 
     # -- one stream ------------------------------------------------------------------------
     async def _refuse_stream(self, stream: _Stream, status: int, code: str) -> None:
@@ -618,39 +700,50 @@ class H2ServerConnection:
         """A proxy-made answer: a gRPC status for gRPC requests, otherwise the same reply as
         HTTP/1 gets. After response headers went out only a gRPC status (as trailers) or a
         reset can still be said."""
-        state = self.state
-        try:
-            if stream.request.grpc:
-                headers = grpc_error_headers(status, code, request_id=request_id)
-                if stream.responded:
-                    headers = [h for h in headers if h[0] in (GRPC_STATUS, b"grpc-message", b"x-meshproxy-error")]
-                state.send_headers(stream.id, headers, end_stream=True)
-                stream.responded = True
-                self.transport.flush()
-                return
+        if stream.request.grpc:
+            headers = grpc_error_headers(status, code, request_id=request_id)
             if stream.responded:
-                self._refuse(stream.id, INTERNAL_ERROR)
-                self.transport.flush()
-                return
-            headers, body = h2_local_reply(status, code, request_id=request_id)
-            state.send_headers(stream.id, headers, end_stream=stream.request.method == b"HEAD")
-            stream.responded = True
-            self.transport.flush()
-        except (StreamClosedError, H2ProtocolError) as exc:
-            raise StreamGone(str(exc)) from exc
-        if stream.request.method != b"HEAD":
-            await self.transport.send_data(stream.id, body, True, self.limits.stream_idle_timeout)
+                headers = [h for h in headers if h[0] in (GRPC_STATUS, b"grpc-message", b"x-meshproxy-error")]
+            self._send_headers(stream, headers, True)
+            return
+        if stream.responded:
+            self.conn.reset(stream.id, INTERNAL_ERROR)
+            self._flush()
+            return
+        headers, body = h2_local_reply(status, code, request_id=request_id)
+        head_only = stream.request.method == b"HEAD"
+        self._send_headers(stream, headers, head_only)
+        if not head_only:
+            await self._send_data(stream, body, True)
 
     def _send_headers(self, stream: _Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         try:
-            self.state.send_headers(stream.id, headers, end_stream=end_stream)
-        except (StreamClosedError, H2ProtocolError) as exc:
+            self.conn.send_headers(stream.id, headers, end_stream)
+        except StreamClosed as exc:
             raise StreamGone(str(exc)) from exc
         stream.responded = True
-        self.transport.flush()
+        self._flush()
 
     async def _send_data(self, stream: _Stream, data: bytes, end_stream: bool) -> None:
-        await self.transport.send_data(stream.id, data, end_stream, self.limits.stream_idle_timeout)
+        """Send `data` as the client's windows allow, waiting for window (up to
+        `stream_idle_timeout` at a time) and for room in the outbound queue. StreamGone
+        when the stream is reset or the connection ends."""
+        conn = self.conn
+        total = len(data)
+        pos = 0
+        while True:
+            if len(self.out) > self.limits.outbound_cap:
+                await self._wait_room()
+            if self.broken is not None:
+                raise StreamGone(self.broken)
+            try:
+                pos += conn.send_data(stream.id, data[pos:] if pos else data, end_stream)
+            except StreamClosed as exc:
+                raise StreamGone(str(exc)) from exc
+            self._flush()
+            if pos >= total:
+                return
+            await self._wait_window(stream.id)
 
     # -- the request body from the client ----------------------------------------------------
     async def _next_body_piece(self, stream: _Stream) -> bytes | None:
@@ -668,9 +761,9 @@ class H2ServerConnection:
     def _ack(self, stream: _Stream, n: int) -> None:
         """`n` body bytes were passed on: the client may send as many more."""
         stream.buffered -= n
-        if self.transport.broken is None:
-            self.state.acknowledge_received_data(n, stream.id)
-            self.transport.flush()
+        if self.broken is None:
+            self.conn.ack(stream.id, n)
+            self._flush()
 
     # -- HTTP/1.1 upstream -----------------------------------------------------------------
     async def _forward_h1(self, stream: _Stream, cluster: UpstreamCluster, extra: bytes, timeout: float,
