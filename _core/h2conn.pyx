@@ -695,3 +695,45 @@ cdef inline void _setting(char* p, int ident, unsigned int value):
 
 cdef inline unsigned int _u32_at(const unsigned char* p):
     return (<unsigned int>p[0] << 24) | (<unsigned int>p[1] << 16) | (<unsigned int>p[2] << 8) | p[3]
+
+
+# Bytes allowed in a field name: lowercase token characters (RFC 9110 §5.6.2, RFC 9113 §8.2.1).
+cdef bint _NAME_OK[256]
+cdef bint _UPPER[256]
+for _c in list(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"):
+    _NAME_OK[_c] = True
+for _c in list(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"):
+    _UPPER[_c] = True
+
+
+def check_field(bytes name, bytes value):
+    """Why a regular field is malformed in HTTP/2 (RFC 9113 §8.2.1), or None: an empty or
+    non-token name, an uppercase name, CR, LF or NUL in the value, or whitespace at either
+    end of it."""
+    cdef const unsigned char* n = <const unsigned char*>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t nl = PyBytes_GET_SIZE(name), i
+    cdef bint upper = False
+    if nl == 0:
+        return "empty field name"
+    for i in range(nl):
+        if not _NAME_OK[n[i]]:
+            if not _UPPER[n[i]]:
+                return f"invalid field name {name[:64]!r}"
+            upper = True
+    if upper:
+        return f"uppercase field name {name[:64]!r}"
+    return check_value(name, value)
+
+
+def check_value(bytes name, bytes value):
+    """Why a field value is malformed (CR, LF or NUL in it, whitespace at either end), or
+    None; `name` is for the message."""
+    cdef const unsigned char* v = <const unsigned char*>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t vl = PyBytes_GET_SIZE(value), i
+    if vl:
+        for i in range(vl):
+            if v[i] == 0 or v[i] == 13 or v[i] == 10:
+                return f"CR, LF or NUL in field {name[:64]!r}"
+        if v[0] == 0x20 or v[0] == 0x09 or v[vl - 1] == 0x20 or v[vl - 1] == 0x09:
+            return f"whitespace around the value of {name[:64]!r}"
+    return None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .._core.h2conn import check_field, check_value
 from .._core.http1 import Limits, parse_response
 from .local_reply import local_reply
 
@@ -106,8 +107,6 @@ REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"hos
                       b"cookie", b"x-forwarded-client-cert"})
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_NAME = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
-_BAD_VALUE = (b"\x00", b"\r", b"\n")
 # Each field costs its name, its value and this much (RFC 9113 §6.5.2).
 FIELD_OVERHEAD = 32
 
@@ -145,22 +144,16 @@ class H2Request:
         return [v for n, v in self.fields if n == name]
 
 
-def _check_name(name: bytes) -> None:
-    if not name:
-        raise MalformedRequest("empty field name")
-    if not _NAME.issuperset(name):
-        if _TOKEN.issuperset(name):
-            raise MalformedRequest(f"uppercase field name {name[:64]!r}")
-        raise MalformedRequest(f"invalid field name {name[:64]!r}")
+def _check_field(name: bytes, value: bytes) -> None:
+    reason = check_field(name, value)
+    if reason is not None:
+        raise MalformedRequest(reason)
 
 
 def _check_value(name: bytes, value: bytes) -> None:
-    if value:
-        for bad in _BAD_VALUE:
-            if bad in value:
-                raise MalformedRequest(f"CR, LF or NUL in field {name[:64]!r}")
-        if value[0] in (0x20, 0x09) or value[-1] in (0x20, 0x09):
-            raise MalformedRequest(f"whitespace around the value of {name[:64]!r}")
+    reason = check_value(name, value)
+    if reason is not None:
+        raise MalformedRequest(reason)
 
 
 def parse_request(headers: list[tuple[bytes, bytes]], max_list_size: int = 61440,
@@ -204,8 +197,7 @@ def parse_request(headers: list[tuple[bytes, bytes]], max_list_size: int = 61440
                 path = value
             continue
         regular = True
-        _check_name(name)
-        _check_value(name, value)
+        _check_field(name, value)
         if name in CONNECTION_SPECIFIC:
             raise MalformedRequest(f"connection-specific field {name.decode()!r}")
         if name == b"te":
@@ -270,8 +262,7 @@ def parse_trailers(headers: list[tuple[bytes, bytes]], max_list_size: int = 6144
         size += len(name) + len(value) + FIELD_OVERHEAD
         if name[:1] == b":":
             raise MalformedRequest("pseudo-header in trailers")
-        _check_name(name)
-        _check_value(name, value)
+        _check_field(name, value)
         if name in CONNECTION_SPECIFIC or name in (b"te", b"content-length", b"host"):
             raise MalformedRequest(f"{name.decode()!r} in trailers")
     if len(headers) > max_fields or size > max_list_size:
@@ -356,8 +347,7 @@ def h2_response_from_upstream(headers: list[tuple[bytes, bytes]]) -> tuple[int, 
             raise ValueError(f"unexpected pseudo-header {name[:64]!r}")
         regular = True
         try:
-            _check_name(name)
-            _check_value(name, value)
+            _check_field(name, value)
         except MalformedRequest as exc:
             raise ValueError(str(exc)) from None
         if name in CONNECTION_SPECIFIC:

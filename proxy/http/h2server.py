@@ -192,7 +192,7 @@ class _Stream:
         self.reset = False  # the client reset it
         self.responded = False  # response headers went out
         self.scope = trio.CancelScope()
-        self.wake = trio.Event()
+        self.wake: trio.Event | None = None  # set while the worker waits for more of the body
 
 
 class _Outcome:
@@ -367,7 +367,8 @@ class H2ServerConnection:
                         conn.reset(stream_id, PROTOCOL_ERROR)
                         continue
                     stream.ended = True
-                    stream.wake.set()
+                    if stream.wake is not None:
+                        stream.wake.set()
             elif kind == EV_GOAWAY:
                 self.peer_done = True
                 if value != NO_ERROR:
@@ -401,7 +402,8 @@ class H2ServerConnection:
             return
         if ended:
             stream.ended = True
-        stream.wake.set()
+        if stream.wake is not None:
+            stream.wake.set()
 
     def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool, now: float) -> None:
         conn = self.conn

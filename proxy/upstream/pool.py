@@ -35,10 +35,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshproxy.upstream")
 
-# Idle connections kept per endpoint, and how long one may sit idle. Upstream
-# servers commonly close idle keep-alive connections after 60-75 s; closing
-# ours first avoids racing them.
-MAX_IDLE_PER_ENDPOINT = 128
+# Idle connections kept per endpoint, and how long one may sit idle. A few busy
+# HTTP/2 clients keep hundreds of requests in flight (100 streams each): fewer idle
+# connections than that means a connect and a close for most of their requests.
+# Upstream servers commonly close idle keep-alive connections after 60-75 s;
+# closing ours first avoids racing them.
+MAX_IDLE_PER_ENDPOINT = 512
 IDLE_TIMEOUT = 50.0
 RESPONSE_BUFFER = 65536
 
