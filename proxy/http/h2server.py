@@ -178,7 +178,7 @@ class _Stream:
     """One client stream: its request, the body as it arrives, what was answered."""
 
     __slots__ = ("body", "body_sent", "buffered", "ended", "id", "received", "request", "reset", "responded",
-                 "scope", "trailers", "wake")
+                 "scope", "trailers", "upstream_fd", "wake")
 
     def __init__(self, stream_id: int, request: H2Request, ended: bool) -> None:
         self.id = stream_id
@@ -191,7 +191,11 @@ class _Stream:
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.reset = False  # the client reset it
         self.responded = False  # response headers went out
-        self.scope = trio.CancelScope()
+        # What a reset by the client interrupts (a cancel scope costs more than the rest of a
+        # small request's bookkeeping, so the plain path has none): the wait of a worker on
+        # its upstream connection, or the scope of a streaming exchange.
+        self.upstream_fd = -1
+        self.scope: trio.CancelScope | None = None
         self.wake: trio.Event | None = None  # set while the worker waits for more of the body
 
 
@@ -352,9 +356,7 @@ class H2ServerConnection:
             elif kind == EV_RESET:
                 stream = self.streams.get(stream_id)
                 if stream is not None:
-                    stream.reset = True
-                    stream.scope.cancel()
-                self._window_opened(stream_id)
+                    self._abort(stream)
             elif kind == EV_TRAILERS:
                 stream = self.streams.get(stream_id)
                 if stream is not None:
@@ -362,9 +364,8 @@ class H2ServerConnection:
                         stream.trailers = parse_trailers(value)
                     except MalformedRequest:
                         conn.note_reset(now)
-                        stream.reset = True
-                        stream.scope.cancel()
                         conn.reset(stream_id, PROTOCOL_ERROR)
+                        self._abort(stream)
                         continue
                     stream.ended = True
                     if stream.wake is not None:
@@ -397,13 +398,23 @@ class H2ServerConnection:
             self.conn.note_reset(trio.current_time())
             self.conn.reset(stream_id, PROTOCOL_ERROR)
             stream.body.clear()
-            stream.reset = True
-            stream.scope.cancel()
+            self._abort(stream)
             return
         if ended:
             stream.ended = True
         if stream.wake is not None:
             stream.wake.set()
+
+    def _abort(self, stream: _Stream) -> None:
+        """The stream was reset: stop its worker wherever it waits."""
+        stream.reset = True
+        if stream.scope is not None:
+            stream.scope.cancel()
+        if stream.upstream_fd >= 0:
+            trio.lowlevel.notify_closing(stream.upstream_fd)  # a wait on it raises ClosedResourceError
+        if stream.wake is not None:
+            stream.wake.set()
+        self._window_opened(stream.id)
 
     def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool, now: float) -> None:
         conn = self.conn
@@ -472,9 +483,8 @@ class H2ServerConnection:
 
     async def _run_stream(self, stream: _Stream, handler: Any, args: tuple[Any, ...]) -> None:
         try:
-            with stream.scope:
-                await handler(stream, *args)
-        except (StreamGone, OSError, TimeoutError) as exc:
+            await handler(stream, *args)
+        except (StreamGone, OSError, TimeoutError, trio.ClosedResourceError) as exc:
             log.debug("%s: stream %d: %s", self.proxy.listener.name, stream.id, exc)
         except Exception:  # a bug must cost one stream, not the worker
             log.exception("%s: stream %d failed", self.proxy.listener.name, stream.id)
@@ -753,6 +763,8 @@ class H2ServerConnection:
         while not stream.body:
             if stream.ended:
                 return None
+            if stream.reset:
+                raise StreamGone("reset by the client")
             stream.wake = trio.Event()
             with trio.move_on_after(self.limits.stream_idle_timeout):
                 await stream.wake.wait()
@@ -849,6 +861,16 @@ class H2ServerConnection:
     async def _h1_exchange(self, stream: _Stream, up: UpstreamConn, head: bytes, chunked: bool, streaming: bool,
                            reused: bool, deadline: float, outcome: _Outcome) -> bool:
         """Send the request, forward the response; True when `up` may be reused."""
+        if stream.reset:
+            raise StreamGone("reset by the client")
+        stream.upstream_fd = up.fd
+        try:
+            return await self._h1_exchange_on(stream, up, head, chunked, streaming, reused, deadline, outcome)
+        finally:
+            stream.upstream_fd = -1
+
+    async def _h1_exchange_on(self, stream: _Stream, up: UpstreamConn, head: bytes, chunked: bool,
+                              streaming: bool, reused: bool, deadline: float, outcome: _Outcome) -> bool:
         try:
             sent = send_from(up.fd, head, 0)
             if sent != len(head):
@@ -865,6 +887,7 @@ class H2ServerConnection:
         failure: BaseException | None = None
         keep = False
         async with trio.open_nursery() as nursery:
+            stream.scope = nursery.cancel_scope
             nursery.start_soon(self._h1_request_body, stream, up.fd, chunked, body_done)
             try:
                 response = await self._h1_response_head(stream, up, False, deadline)
@@ -924,6 +947,8 @@ class H2ServerConnection:
                 raise _UpstreamFailed(502, "upstream_reset", retriable=reused and not got_any)
             if n == -2:
                 raise _UpstreamFailed(502, "upstream_protocol_error")
+            if stream.reset:
+                raise StreamGone("reset by the client")
             with trio.move_on_at(deadline):
                 await trio.lowlevel.wait_readable(up.fd)
                 continue
@@ -1011,7 +1036,7 @@ class H2ServerConnection:
             endpoint = self.upstreams.endpoint(cluster, pool)
             upstream: H2ClientStream | None = None
             try:
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(deadline) as stream.scope:
                     upstream = await endpoint.open_stream(headers, end_stream=no_body and stream.trailers is None)
             except CircuitOpenError as exc:
                 raise _UpstreamFailed(exc.status, exc.code) from exc
@@ -1022,6 +1047,8 @@ class H2ServerConnection:
                 if connect_failures < min(len(cluster.pools), self.connect_attempts):
                     continue
                 raise _UpstreamFailed(exc.status, exc.code) from exc
+            if stream.reset:
+                raise StreamGone("reset by the client")
             if upstream is None:
                 raise _UpstreamFailed(504, "upstream_timeout")
             if outcome.endpoint is not pool.stats:
@@ -1049,6 +1076,7 @@ class H2ServerConnection:
         sent_at = monotonic()
         failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
+            stream.scope = nursery.cancel_scope
             if not no_body:
                 nursery.start_soon(self._h2_request_body, stream, upstream)
             try:

@@ -12,8 +12,10 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -157,6 +159,40 @@ def test_upstream_timeout_is_504(origin, proxies):
     finally:
         client.close()
     assert response.status == 504 and response.header(b"x-meshproxy-error") == b"upstream_timeout"
+
+
+def test_client_reset_stops_the_upstream_exchange(origin, proxies):
+    origin.on("/slow", delay(5, respond(200, b"late")))
+    proxy = proxies(_config(origin))
+    client = H2Client(proxy.address)
+    try:
+        sid = client.request("/slow")
+        deadline = time.monotonic() + 5
+        while not origin.connections and time.monotonic() < deadline:
+            client.pump(0.05)
+        [upstream] = origin.connections
+        client.conn.reset_stream(sid, 8)  # CANCEL
+        client.flush()
+        # The worker stops waiting at once and drops the connection mid-exchange (the
+        # origin, asleep in its delay, would only notice later: peek for the FIN).
+        assert _peer_closed_within(upstream.sock, 2)
+        after = client.get("/fine")
+    finally:
+        client.close()
+    assert after.status == 200
+    assert client.responses[sid].status == 0  # nothing came back on the reset stream
+
+
+def _peer_closed_within(sock: socket.socket, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                return True
+        except BlockingIOError:
+            pass
+        time.sleep(0.05)
+    return False
 
 
 @pytest.mark.parametrize("bad", [
