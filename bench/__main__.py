@@ -37,8 +37,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loadgen-procs", type=int, default=2,
                         help="open-loop generator processes (default: %(default)s)")
     parser.add_argument("--connections", type=int, default=50,
-                        help="connections: wrk -c, or in all over the generator processes "
-                             "(default: %(default)s)")
+                        help="connections: wrk -c and h2load -c, in all over the generator "
+                             "processes, or gRPC calls in flight (default: %(default)s)")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                         help="taskset the proxy to CPU 1 and everything else to CPU 0 "
                              "(default: on)")

@@ -1,5 +1,6 @@
 """Load generators, pinned to the load core, with their output parsed: wrk (closed loop),
-the built-in open-loop generator (fixed rate, HDR latency; see openloop.py) and iperf3.
+the built-in open-loop generator (fixed rate, HDR latency; see openloop.py), h2load (HTTP/2,
+closed loop) and iperf3. The gRPC load is in grpcload.py.
 
 Every run has a time limit; only 127.0.0.1 is ever targeted.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import resource
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -25,12 +27,15 @@ _WRK_REPORT = Path(__file__).with_name("wrk_report.lua")
 
 @dataclass(frozen=True)
 class Settings:
-    """How load is applied, the same for every target of a run."""
+    """How load is applied, the same for every target of a run (but `http1`, set per target)."""
 
     pin: bool = True  # run the load tools with taskset on proc.LOAD_CPU
     rate: float | None = None  # open loop at this many req/s; None: closed loop (wrk)
     procs: int = 2  # open-loop generator processes
-    connections: int = 50  # connections (wrk -c; in all, over the open-loop processes)
+    connections: int = 50  # connections (wrk -c, h2load -c; in all, over the open-loop processes)
+    # The target's listener speaks HTTP/1.1 only: `direct` (the origin) in an HTTP/2 scenario,
+    # which then gets the same load over HTTP/1.1 (h2load --h1: its streams become pipelining).
+    http1: bool = False
 
     @property
     def cpu(self) -> int | None:
@@ -241,6 +246,75 @@ def http(request: HttpRequest):
         if settings.rate:
             return openloop(port, request, seconds, settings, window)
         return wrk(port, request, seconds, settings, window)
+
+    return run
+
+
+# -- h2load ------------------------------------------------------------------------------------
+
+_H2LOAD_COUNTS = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
+
+
+def parse_h2load(out: str) -> tuple[dict[str, float], int]:
+    """Figures from h2load's output, and the number of requests that succeeded (2xx/3xx).
+
+    req/s is h2load's: the succeeded requests over its measured duration (which it prints
+    rounded to 10 ms). `failed` is its own count: requests that ended in an error (`errored`),
+    timed out, or got a status other than 2xx/3xx. Latency is its "time for request" line
+    (min, max, mean, sd over the requests it sampled: all of them up to a million)."""
+    finished = re.search(r"^finished in [\d.]+m?s, ([\d.]+) req/s", out, re.MULTILINE)
+    counts = re.search(r"^requests: " + ", ".join(rf"(\d+) {name}" for name in _H2LOAD_COUNTS),
+                       out, re.MULTILINE)
+    times = re.search(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", out, re.MULTILINE)
+    if finished is None or counts is None:
+        raise BenchError(f"unexpected h2load output:\n{out[-2000:]}")
+    n = dict(zip(_H2LOAD_COUNTS, map(int, counts.groups()), strict=True))
+    metrics = {
+        "rps": float(finished[1]),
+        "failed": n["failed"],
+        "errored": n["errored"],
+        "timeout": n["timeout"],
+    }
+    if times is not None and n["succeeded"]:
+        for key, value in zip(("min_ms", "max_ms", "mean_ms", "sd_ms"), times.groups(),
+                              strict=True):
+            metrics[key] = _ms(value)
+    return metrics, n["succeeded"]
+
+
+def h2load(port: int, request: HttpRequest, streams: int, seconds: int, settings: Settings,
+           window: Window = UNMEASURED) -> LoadResult:
+    """Closed-loop HTTP/2 cleartext load (prior knowledge), one thread:
+    `h2load -t1 -cN -mSTREAMS -DSECONDS URL` (`--h1` when the listener speaks HTTP/1.1 only).
+    h2load times its run itself (-D); the measured window is around the process, which adds
+    the connects and closes of its N connections."""
+    if request.method != "GET" or request.body_size or request.close:
+        raise BenchError("the h2load load sends plain GETs only")
+    if shutil.which("h2load") is None:
+        raise BenchError("h2load is not installed (apt-get install -y nghttp2-client)")
+    argv = ["h2load", "-t1", f"-c{settings.connections}", f"-m{streams}", f"-D{seconds}"]
+    if settings.http1:
+        argv.append("--h1")
+    argv.append(f"http://{proc.HOST}:{port}{request.path}")
+    done, cpu_s = _run(argv, seconds, settings.cpu, window)
+    if done.returncode != 0:
+        raise BenchError(f"h2load exited with {done.returncode}: "
+                         f"{(done.stderr or done.stdout).strip()[-800:]}")
+    metrics, succeeded = parse_h2load(done.stdout)
+    if succeeded == 0:
+        raise BenchError(f"h2load completed no request:\n{done.stdout[-2000:]}")
+    metrics["loadgen_cores"] = cpu_s / seconds
+    if request.payload:
+        metrics["mibps"] = metrics["rps"] * request.payload / _MIB
+    return LoadResult(argv, metrics, succeeded, done.stdout + done.stderr, "txt")
+
+
+def h2(request: HttpRequest, streams: int):
+    """The load function of an HTTP/2 scenario: h2load with `streams` streams per connection."""
+
+    def run(port: int, seconds: int, settings: Settings,
+            window: Window = UNMEASURED) -> LoadResult:
+        return h2load(port, request, streams, seconds, settings, window)
 
     return run
 

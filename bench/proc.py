@@ -69,13 +69,15 @@ def free_port() -> int:
 
 
 def _listening(port: int) -> bool:
-    """Whether a TCP socket is in LISTEN state on `port` (from /proc/net/tcp; sends nothing)."""
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                return True
+    """Whether a TCP socket is in LISTEN state on `port` (from /proc/net/tcp and tcp6; sends
+    nothing). grpcio listens on 127.0.0.1 with an IPv6 socket (::ffff:127.0.0.1), in tcp6."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(FileNotFoundError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
     return False
 
 

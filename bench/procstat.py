@@ -9,6 +9,7 @@ reaped before the end is counted once: first in the tree, then in its parent's c
 import os
 import threading
 import time
+from typing import Self
 
 _TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
@@ -89,7 +90,7 @@ class PeakRss:
             if self._stop.wait(self._interval):
                 return
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -39,17 +39,23 @@ class Run:
     histogram: str | None = None  # latency (µs), HdrHistogram's compressed base64 form
 
 
+# The targets other targets are compared with: the headline figure against each (x_<ref>), and
+# the proxy cost against each that is a proxy (cost_x_<ref>). The report shows the columns of
+# those a run measured.
+REFERENCES = ("nginx", "haproxy", "nghttpx")
 _RATIOS = (  # (name, reference target, metric: "primary" or a key)
     ("x_direct", "direct", "primary"),
-    ("x_nginx", "nginx", "primary"),
-    ("x_haproxy", "haproxy", "primary"),
-    ("cost_x_nginx", "nginx", "cost_us"),
-    ("cost_x_haproxy", "haproxy", "cost_us"),
+    *((f"x_{ref}", ref, "primary") for ref in REFERENCES),
+    *((f"cost_x_{ref}", ref, "cost_us") for ref in REFERENCES),
 )
+# Latency figures and failure counts: their own table when there is no HDR histogram.
+LATENCY_KEYS = frozenset({"p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "min_ms", "mean_ms",
+                          "sd_ms", "max_ms"})
+COUNT_KEYS = ("errors", "non_2xx", "failed", "errored")  # totals over rounds with the histograms
 
 
 def add_ratios(runs: list[Run], primary: str) -> None:
-    """Set x_direct, x_nginx, x_haproxy (on `primary`), cost_x_nginx and cost_x_haproxy (on
+    """Set x_direct and x_<ref> for each of REFERENCES (on `primary`) and cost_x_<ref> (on
     cost_us), each against the reference measured in the same round, so drift between rounds
     cancels."""
     by_round: dict[int, dict[str, Run]] = defaultdict(dict)
@@ -121,20 +127,21 @@ def _table(first: list[str], columns: list[Column], targets: list[str], skipped:
 
 
 def _hdr_table(targets: list[str], pooled: dict[str, hdr.Histogram], files: dict[str, str],
-               agg: dict) -> list[str]:
+               agg: dict, counts: list[Column]) -> list[str]:
+    """Pooled percentiles per target, and the totals over rounds of the `counts` columns."""
     headers = ["target", "samples", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "p99.99 ms",
-               "max ms", "errors", "non-2xx", "distribution"]
+               "max ms", *(c.header for c in counts), "distribution"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for target in targets:
         if target not in pooled:
             continue
         s = hdr.summary(pooled[target])
         stats = agg.get(target, {})
-        total = {k: stats[k]["sum"] if k in stats else 0 for k in ("errors", "non_2xx")}
         cells = [target, f"{s['count']:,.0f}",
                  *(f"{s[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms",
                                            "p99.99_ms")),
-                 f"{s['max_ms']:.2f}", f"{total['errors']:,.0f}", f"{total['non_2xx']:,.0f}",
+                 f"{s['max_ms']:.2f}",
+                 *(format(stats[c.key]["sum"] if c.key in stats else 0, c.fmt) for c in counts),
                  f"[{files[target]}]({files[target]})"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -144,12 +151,12 @@ def _notes(scenario: Scenario, skipped: dict[str, str], runs: list[Run], env: di
            options: dict[str, Any]) -> list[str]:
     cost = f"µs/{scenario.cost_unit}"
     notes = [
-        "Medians over rounds, (n) = successful rounds. Ratios are taken within a round, "
-        "then the median.",
-        "Proxy CPU: utime+stime of the proxy's whole process tree (workers, forked and reaped "
-        f"children included) over the measured window, from /proc; proxy {cost} = that CPU time "
-        "÷ the work the load tool completed. Peak RSS: the largest sum of VmHWM over the tree's "
-        "live processes, sampled every 0.5 s in the window.",
+        ("Medians over rounds, (n) = successful rounds. Ratios are taken within a round, "
+         "then the median."),
+        ("Proxy CPU: utime+stime of the proxy's whole process tree (workers, forked and reaped "
+         f"children included) over the measured window, from /proc; proxy {cost} = that CPU time "
+         "÷ the work the load tool completed. Peak RSS: the largest sum of VmHWM over the tree's "
+         "live processes, sampled every 0.5 s in the window."),
     ]
     if options.get("rate"):
         notes.append(
@@ -169,6 +176,7 @@ def _notes(scenario: Scenario, skipped: dict[str, str], runs: list[Run], env: di
             "slow target gets fewer requests instead of longer queues. Use --rate for "
             "open-loop latency."
         )
+    notes += scenario.notes
     reloading: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         if "reloads" in run.metrics:
@@ -241,14 +249,16 @@ def _notes(scenario: Scenario, skipped: dict[str, str], runs: list[Run], env: di
     return [f"- {note}" for note in notes]
 
 
-def _columns(scenario: Scenario, open_loop: bool) -> tuple[list[Column], list[Column],
-                                                          list[Column]]:
+def _columns(scenario: Scenario, open_loop: bool, measured: list[str]) -> tuple[
+        list[Column], list[Column], list[Column]]:
     """The columns of the throughput/cost table, the latency table (medians over rounds, used
-    when there are no histograms) and the load-side table."""
+    when there are no histograms) and the load-side table. Ratio columns appear for the
+    references among the `measured` targets."""
     cost = f"µs/{scenario.cost_unit}"
-    latency_keys = {"p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms", "errors", "non_2xx"}
+    latency_keys = LATENCY_KEYS | set(COUNT_KEYS)
     extra = [c for c in scenario.columns if c.key not in latency_keys]
     latency = [c for c in scenario.columns if c.key in latency_keys]
+    references = [ref for ref in REFERENCES if ref in measured]
     main = [*extra]
     if open_loop:
         main.insert(0, Column("target req/s", "rate", ",.0f"))
@@ -258,12 +268,9 @@ def _columns(scenario: Scenario, open_loop: bool) -> tuple[list[Column], list[Co
         Column("peak RSS MiB", "peak_rss_mib", ".1f"),
     ]
     if not open_loop:
-        main += [Column("×nginx", "x_nginx", ".2f"), Column("×haproxy", "x_haproxy", ".2f")]
-    main += [
-        Column(f"{cost} ×nginx", "cost_x_nginx", ".2f"),
-        Column(f"{cost} ×haproxy", "cost_x_haproxy", ".2f"),
-    ]
-    if not open_loop:
+        main += [Column(f"×{ref}", f"x_{ref}", ".2f") for ref in references]
+    main += [Column(f"{cost} ×{ref}", f"cost_x_{ref}", ".2f") for ref in references]
+    if not open_loop and "direct" in measured:
         main.append(Column("×direct", "x_direct", ".2f"))
     side = [
         Column("origin CPU (cores)", "origin_cores", ".2f"),
@@ -308,7 +315,9 @@ def write(
         title=f"{scenario.name}: "
         + (f"open loop, {options['rate']:,.0f} req/s" if open_loop else "closed loop (wrk)"),
     ) if files else "no latency histograms"
-    command = next((run.command for run in runs if run.command), "")
+    # The load as the targets under test got it (`direct` may get a variant: h2load --h1).
+    commands = [run.command for run in runs if run.command and run.target != "direct"]
+    command = next(iter(commands or [run.command for run in runs if run.command]), "")
     summary = {
         "scenario": scenario.name,
         "summary": scenario.summary,
@@ -323,7 +332,8 @@ def write(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    main, latency, side = _columns(scenario, open_loop)
+    main, latency, side = _columns(scenario, open_loop,
+                                   [t for t in targets if t not in skipped])
     primary = scenario.primary
     if open_loop:
         primary = Column("achieved req/s", "rps", ",.0f")
@@ -334,9 +344,9 @@ def write(
     lines = [
         f"# {scenario.name}: {scenario.summary}",
         "",
-        f"{environment['started']}; {options['rounds']} round(s){order}, "
-        f"{options['warmup']} s warm-up + {options['duration']} s measured per run; "
-        f"meshproxy workers: {options['workers']}.",
+        (f"{environment['started']}; {options['rounds']} round(s){order}, "
+         f"{options['warmup']} s warm-up + {options['duration']} s measured per run; "
+         f"meshproxy workers: {options['workers']}."),
         f"Load: `{command}` on CPU 0 with the origin; {pin}.",
         "",
         "## Throughput and proxy cost",
@@ -345,16 +355,20 @@ def write(
                 primary),
         "",
     ]
+    counts = [c for c in latency if c.key in COUNT_KEYS]
+    unit = {"req": "requests"}.get(scenario.cost_unit, f"{scenario.cost_unit}s")
     if pooled:
         lines += [
             "## Latency (HDR histograms, all rounds pooled)",
             "",
-            *_hdr_table(targets, pooled, files, agg),
+            *_hdr_table(targets, pooled, files, agg, counts),
             "",
             (f"No plot: {plot_note}. " if plot_note else "Plot: [latency.png](latency.png). ")
-            + "Errors and non-2xx are totals over the rounds. Samples = requests measured"
-            + (" (completed requests)." if open_loop else
-               ", plus the samples wrk adds for its coordinated-omission adjustment."),
+            + (f"{', '.join(c.header for c in counts)}: totals over the rounds. " if counts
+               else "")
+            + f"Samples = {unit} measured"
+            + (", plus the samples wrk adds for its coordinated-omission adjustment."
+               if scenario.open_loop and not open_loop else f" (completed {unit})."),
             "",
         ]
     elif latency:

@@ -2,6 +2,7 @@
 (forward, reverse, forward, ...), each run a warm-up followed by a measured window."""
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -50,7 +51,8 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-_VERSION_FLAG = {"nginx": "-v", "haproxy": "-v", "socat": "-V", "wrk": "-v", "iperf3": "-v"}
+_VERSION_FLAG = {"nginx": "-v", "haproxy": "-v", "socat": "-V", "wrk": "-v", "iperf3": "-v",
+                 "h2load": "--version", "nghttpx": "--version"}
 
 
 def environment() -> dict[str, object]:
@@ -61,12 +63,12 @@ def environment() -> dict[str, object]:
     versions = {}
     for tool, argv in commands.items():
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
         except subprocess.TimeoutExpired:
             continue
         lines = (done.stdout + done.stderr).splitlines()
         versions[tool] = next((line.strip() for line in lines if re.search(r"\d", line)), "?")
-    for package in ("hdrhistogram", "matplotlib"):
+    for package in ("hdrhistogram", "matplotlib", "grpcio"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -141,6 +143,11 @@ class _WithBackground:
         self._window.end()
 
 
+def _load_settings(options: Options, proxy: targets.Proxy) -> load.Settings:
+    """The load settings of the run, for this target's listener."""
+    return dataclasses.replace(options.load, http1=True) if proxy.http1_only else options.load
+
+
 def _measure_window(
     scenario: Scenario, target: targets.Target, proxy: targets.Proxy, origin_pid: int,
     options: Options,
@@ -153,7 +160,8 @@ def _measure_window(
     with rss:
         start = time.monotonic()
         try:
-            result = scenario.run_load(proxy.port, options.duration, options.load,
+            result = scenario.run_load(proxy.port, options.duration,
+                                       _load_settings(options, proxy),
                                        _WithBackground(window, background) if background
                                        else window)
         finally:
@@ -183,7 +191,7 @@ def _run_target(
         with targets.running(target, scenario.listener, origin.port, options.workers, workdir,
                              out / "logs" / f"{tag}.log", options.proxy_cpu) as proxy:
             if options.warmup:
-                scenario.run_load(proxy.port, options.warmup, options.load)
+                scenario.run_load(proxy.port, options.warmup, _load_settings(options, proxy))
             result, metrics = _measure_window(scenario, target, proxy, origin.pid, options)
             if proxy.process and proxy.process.poll() is not None:
                 code = proxy.process.returncode
@@ -202,13 +210,15 @@ def _run_target(
     summary = f"{primary.header} {metrics[primary.key]:{primary.fmt}}"
     if "p99_ms" in metrics:
         summary += f", p99 {metrics['p99_ms']:.2f} ms"
+    elif "mean_ms" in metrics:
+        summary += f", mean {metrics['mean_ms']:.2f} ms"
     if "cost_us" in metrics:
         summary += (f", proxy {metrics['proxy_cores']:.2f} cores, "
                     f"{metrics['cost_us']:,.1f} µs/{scenario.cost_unit}")
     if "reloads" in metrics:
         summary += (f", reloads {metrics['reloads']:.0f} applied, "
                     f"{metrics['reloads_failed']:.0f} failed")
-    bad = {k: metrics[k] for k in ("errors", "non_2xx", "unsent") if metrics.get(k)}
+    bad = {k: metrics[k] for k in ("errors", "non_2xx", "failed", "unsent") if metrics.get(k)}
     if bad:
         summary += ", " + ", ".join(f"{k} {v:,.0f}" for k, v in bad.items())
     progress(f"round {round_no}/{options.rounds} {target.name}: {summary}")

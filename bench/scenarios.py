@@ -4,7 +4,7 @@ the load applied, and the figures that go in the table."""
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import load, mtls, tlsload
+from . import grpcload, load, mtls, tlsload
 from .report import Column
 
 _KIB, _MIB = 1 << 10, 1 << 20
@@ -14,16 +14,19 @@ _KIB, _MIB = 1 << 10, 1 << 20
 class Scenario:
     name: str
     summary: str
-    origin: str  # "http" (nginx) or "iperf3": see upstream.py
-    listener: str  # what each target exposes: "tcp" (L4), "http" (L7, HTTP/1.1), "hop", "tls"
+    origin: str  # "http" (nginx), "iperf3" or "grpc" (grpcio): see upstream.py
+    # what each target exposes: "tcp" (L4), "http" (L7, HTTP/1.1), "h2c" (L7, HTTP/2 clients by
+    # prior knowledge), "grpc" (h2c in, HTTP/2 out), "hop", "tls"
+    listener: str
     # (port, seconds, settings[, window]): applies the load, marks the measured window
     run_load: Callable[..., load.LoadResult]
-    primary: Column  # the headline figure; ratios to direct, nginx and haproxy are taken on it
+    primary: Column  # the headline figure; ratios to the reference targets are taken on it
     columns: tuple[Column, ...]  # further figures from the load tool
     cost_unit: str  # proxy CPU is reported per this unit of work ("req", "MiB")
     open_loop: bool = False  # whether --rate (the open-loop generator) applies
     needs_rate: bool = False  # open loop only: refuses to run without --rate
     targets: tuple[str, ...] | None = None  # default --targets (None: targets.DEFAULT)
+    notes: tuple[str, ...] = ()  # what the report's notes must say about this scenario
 
 
 _LATENCY = (
@@ -36,6 +39,14 @@ _LATENCY = (
     Column("non-2xx", "non_2xx", ",.0f"),
 )
 _REQ_S = Column("req/s", "rps", ",.0f")
+_H2LOAD_LATENCY = (  # h2load's "time for request" statistics, and its failure counts
+    Column("mean ms", "mean_ms", ".2f"),
+    Column("sd ms", "sd_ms", ".2f"),
+    Column("max ms", "max_ms", ".1f"),
+    Column("failed", "failed", ",.0f"),
+    Column("errored", "errored", ",.0f"),
+)
+_GRPC_LATENCY = (*_LATENCY[:5], Column("failed", "failed", ",.0f"))
 _RELOADS = (  # from reload.Reloader, for targets that reload during the window
     Column("reloads applied", "reloads", ",.0f"),
     Column("reloads failed", "reloads_failed", ",.0f"),
@@ -115,6 +126,52 @@ ALL: dict[str, Scenario] = {
                      Column("resumed", "resumed", ",.0f"), *_LATENCY),
             cost_unit="handshake",
             targets=_TLS_TARGETS,
+        ),
+        Scenario(
+            name="h2-small",
+            summary="GET /hello over HTTP/2 cleartext (h2c, prior knowledge), h2load 50 "
+                    "connections x 10 streams, through each target's h2c listener, HTTP/1.1 to "
+                    "the origin (direct: the origin itself over HTTP/1.1, 10 pipelined)",
+            origin="http",
+            listener="h2c",
+            run_load=load.h2(load.HttpRequest(), streams=10),
+            primary=_REQ_S,
+            columns=_H2LOAD_LATENCY,
+            cost_unit="req",
+            targets=("meshproxy", "nghttpx", "haproxy"),
+            notes=(
+                ("Closed loop (h2load, one thread, -D seconds): latency is h2load's "
+                 "\"time for request\" (mean, sd and max over the requests it sampled, all of "
+                 "them up to a million; it gives no percentiles). failed = errored + timed out + "
+                 "status other than 2xx/3xx; req/s counts the succeeded requests."),
+                ("`direct` is **not HTTP/2**: the nginx origin takes HTTP/1.1 only, so it gets "
+                 "`h2load --h1`, the 10 streams per connection becoming 10 pipelined requests "
+                 "(perf-anchors.md's reference row); ×direct compares with that."),
+            ),
+        ),
+        Scenario(
+            name="grpc-unary",
+            summary="gRPC unary calls (5-byte messages), a grpcio client with 50 calls in flight "
+                    "over 4 HTTP/2 connections, to a grpcio origin: one proxy hop (cluster "
+                    "protocol: http2) vs direct; the Python client and origin share CPU 0 and "
+                    "bound the rate there, so compare proxy µs/call",
+            origin="grpc",
+            listener="grpc",
+            run_load=grpcload.unary,
+            primary=Column("calls/s", "cps", ",.0f"),
+            columns=(Column("unfinished", "unfinished", ",.0f"), *_GRPC_LATENCY),
+            cost_unit="call",
+            targets=("direct", "meshproxy"),
+            notes=(
+                ("gRPC load (bench/grpcload.py): grpc.aio, closed loop. A call counts as "
+                 "completed when its status is OK, the answer is right and the trailing "
+                 "metadata `x-bench: kept` arrived; failed = any other ending (by status code in "
+                 "raw/), unfinished = calls still in flight 3 s after the window. Latency: call "
+                 "start to status, completed calls only."),
+                ("The grpcio client and origin cost roughly 130-160 µs of CPU per call each, on "
+                 "CPU 0: calls/s is bound by that core (see its busy time under Load side), not "
+                 "by a proxy on CPU 1; compare the proxy's µs/call."),
+            ),
         ),
     )
 }

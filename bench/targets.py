@@ -3,8 +3,10 @@
 Each target writes its config into a fresh work directory and returns the command to run;
 `running` starts it with `taskset -c PROXY_CPU` (unless --no-pin), waits until it accepts, and
 stops it by PID. `listener` names what the scenario needs the target to expose: "tcp" (an L4
-forwarder) or "http" (an HTTP/1.1 reverse proxy with upstream keep-alive); the TLS targets of
-bench/mtls.py expose "hop" (two proxies in a chain) and "tls" (a mutual-TLS listener).
+forwarder), "http" (an HTTP/1.1 reverse proxy with upstream keep-alive), "h2c" (the same
+taking HTTP/2 clients with prior knowledge, upstream still HTTP/1.1) or "grpc" (h2c in, HTTP/2
+to a gRPC origin); the TLS targets of bench/mtls.py expose "hop" (two proxies in a chain) and
+"tls" (a mutual-TLS listener).
 """
 
 import functools
@@ -39,6 +41,7 @@ class Proxy:
     process: subprocess.Popen | None
     config: Path | None
     admin_url: str | None = None
+    http1_only: bool = False  # the port speaks HTTP/1.1 only (the origin, in an h2c scenario)
 
 
 class Target:
@@ -68,8 +71,8 @@ class Target:
         default: the one process `launch()` describes (none for `direct`)."""
         port = proc.free_port()
         launch = self.launch(workdir, listener, port, upstream_port, workers)
-        if launch is None:
-            yield Proxy(upstream_port, None, None)
+        if launch is None:  # no proxy: the load goes to the origin, whose HTTP is HTTP/1.1
+            yield Proxy(upstream_port, None, None, http1_only=listener == "h2c")
             return
         with proc.started(launch.argv, cpu, log, port, launch.ready_url, launch.env) as process:
             yield Proxy(port, process, launch.config, launch.admin_url)
@@ -82,10 +85,12 @@ def _tool(name: str, package: str | None = None) -> str | None:
 
 
 class Direct(Target):
-    """No proxy: the load goes straight to the origin."""
+    """No proxy: the load goes straight to the origin. In an h2c scenario that is HTTP/1.1 (the
+    nginx origin takes no HTTP/2), so the load there is the same over HTTP/1.1 (h2load --h1:
+    pipelined), the reference of perf-anchors.md."""
 
     name = "direct"
-    listeners = frozenset({"tcp", "http"})
+    listeners = frozenset({"tcp", "http", "h2c", "grpc"})
 
     def launch(self, workdir, listener, port, upstream_port, workers):
         return None
@@ -103,13 +108,16 @@ clusters:
   - name: origin
     endpoints: [{host}:{upstream}]
     connect_timeout: 1s
-"""
+{cluster}"""
 
 
 _MESHPROXY_LISTENER = {
     "tcp": "    protocol: tcp\n    cluster: origin",
     "http": "    protocol: http\n    routes:\n      - {name: all, match: {prefix: /}, cluster: origin}",
 }
+# A `protocol: http` listener also takes HTTP/2 clients with prior knowledge (h2c).
+_MESHPROXY_LISTENER["h2c"] = _MESHPROXY_LISTENER["grpc"] = _MESHPROXY_LISTENER["http"]
+_MESHPROXY_CLUSTER = {"grpc": "    protocol: http2\n"}  # gRPC needs HTTP/2 to the endpoints
 
 
 def _reload_variant(config: str, k: int) -> str:
@@ -124,10 +132,11 @@ def _reload_variant(config: str, k: int) -> str:
 
 class Meshproxy(Target):
     """meshproxy itself: a `protocol: tcp` listener, or a `protocol: http` listener with one
-    route for every path, both to the cluster `origin`."""
+    route for every path, both to the cluster `origin`. The http listener takes HTTP/1.1 and
+    h2c clients alike ("http", "h2c"); for "grpc" the cluster has `protocol: http2`."""
 
     name = "meshproxy"
-    listeners = frozenset({"tcp", "http"})
+    listeners = frozenset({"tcp", "http", "h2c", "grpc"})
 
     @staticmethod
     def command() -> list[str] | None:
@@ -154,6 +163,7 @@ class Meshproxy(Target):
             _MESHPROXY.format(
                 host=proc.HOST, admin=admin, workers=workers, port=port, upstream=upstream_port,
                 listener=_MESHPROXY_LISTENER[listener],
+                cluster=_MESHPROXY_CLUSTER.get(listener, ""),
             )
         )
         return Launch(
@@ -222,24 +232,28 @@ LOGS_AND_TRACING = MeshproxyVariant(
 
 class Haproxy(Target):
     """HAProxy, one thread, default buffers (no splice options): `mode tcp`, or `mode http` with
-    `option http-keep-alive` and `http-reuse always` (pooled upstream connections)."""
+    `option http-keep-alive` and `http-reuse always` (pooled upstream connections); for h2c the
+    frontend binds with `proto h2` (perf-anchors.md's), for gRPC the server line too."""
 
     name = "haproxy"
-    listeners = frozenset({"tcp", "http"})
+    listeners = frozenset({"tcp", "http", "h2c", "grpc"})
 
     def missing(self, listener):
         return _tool("haproxy")
 
     def launch(self, workdir, listener, port, upstream_port, workers):
         config = workdir / "haproxy.cfg"
-        mode = "  mode http\n  option http-keep-alive\n" if listener == "http" else "  mode tcp\n"
-        reuse = "  http-reuse always\n" if listener == "http" else ""
+        http = listener != "tcp"
+        mode = "  mode http\n  option http-keep-alive\n" if http else "  mode tcp\n"
+        reuse = "  http-reuse always\n" if http else ""
+        bind = " proto h2" if listener in ("h2c", "grpc") else ""
+        server = " proto h2" if listener == "grpc" else ""
         config.write_text(
             "global\n  nbthread 1\n  maxconn 8000\n"
             f"defaults\n{mode}"
             "  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
-            f"frontend bench-in\n  bind {proc.HOST}:{port}\n  default_backend origin\n"
-            f"backend origin\n{reuse}  server origin {proc.HOST}:{upstream_port}\n"
+            f"frontend bench-in\n  bind {proc.HOST}:{port}{bind}\n  default_backend origin\n"
+            f"backend origin\n{reuse}  server origin {proc.HOST}:{upstream_port}{server}\n"
         )
         return Launch(["haproxy", "-db", "-f", str(config)], config)
 
@@ -266,7 +280,7 @@ class Socat(Target):
 @functools.cache
 def _nginx_stream_preamble() -> str | None:
     """The `load_module` line the stream module needs ("" if built in), None if absent."""
-    built = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
+    built = subprocess.run(["nginx", "-V"], capture_output=True, text=True, check=False).stderr
     if "--with-stream=dynamic" not in built:
         return "" if re.search(r"--with-stream(\s|$)", built) else None
     modules = re.search(r"--modules-path=(\S+)", built)
@@ -286,25 +300,29 @@ http {{
     keepalive 64;
   }}
   server {{
-    listen {host}:{port};
+    listen {host}:{port}{http2};
     location / {{
+{location}
+    }}
+  }}
+}}"""
+_NGINX_PROXY = """\
       proxy_pass http://origin;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffers 16 64k;
       proxy_buffer_size 64k;
-      proxy_max_temp_file_size 0;
-    }}
-  }}
-}}"""
+      proxy_max_temp_file_size 0;"""
+_NGINX_GRPC = "      grpc_pass grpc://origin;"  # HTTP/2 to the origin, on the kept-alive pool
 
 
 class Nginx(Target):
     """nginx, one worker: the stream module's `proxy_pass` (L4), or the HTTP reverse proxy of
-    perf-anchors.md (upstream keepalive 64)."""
+    perf-anchors.md (upstream keepalive 64); for h2c the same with `listen ... http2` (nginx
+    1.22: HTTP/2 only on that port, by prior knowledge), for gRPC with `grpc_pass` instead."""
 
     name = "nginx"
-    listeners = frozenset({"tcp", "http"})
+    listeners = frozenset({"tcp", "http", "h2c", "grpc"})
 
     def missing(self, listener):
         if reason := _tool("nginx"):
@@ -314,8 +332,11 @@ class Nginx(Target):
         return None
 
     def launch(self, workdir, listener, port, upstream_port, workers):
-        if listener == "http":
-            body = _NGINX_HTTP.format(host=proc.HOST, port=port, upstream=upstream_port)
+        if listener != "tcp":
+            body = _NGINX_HTTP.format(
+                host=proc.HOST, port=port, upstream=upstream_port,
+                http2="" if listener == "http" else " http2",
+                location=_NGINX_GRPC if listener == "grpc" else _NGINX_PROXY)
             return Launch(upstream.write_nginx_conf(workdir, body), workdir / "nginx.conf")
         argv = upstream.write_nginx_conf(
             workdir,
@@ -353,11 +374,12 @@ class Caddy(Target):
 
 
 class Nghttpx(Target):
-    """nghttpx (optional), one worker: frontend h1/h2c without TLS, HTTP/1.1 backend; HTTP only.
-    An empty --conf so /etc/nghttpx/nghttpx.conf is not read."""
+    """nghttpx (optional), one worker: frontend h1/h2c without TLS, HTTP/1.1 backend ("http",
+    "h2c"), or an HTTP/2 backend (`;proto=h2`) for gRPC. An empty --conf so
+    /etc/nghttpx/nghttpx.conf is not read."""
 
     name = "nghttpx"
-    listeners = frozenset({"http"})
+    listeners = frozenset({"http", "h2c", "grpc"})
 
     def missing(self, listener):
         return _tool("nghttpx", "nghttp2-proxy")
@@ -366,7 +388,8 @@ class Nghttpx(Target):
         empty = workdir / "nghttpx.conf"
         empty.write_text("")
         argv = [
-            "nghttpx", "-n1", f"-f{proc.HOST},{port};no-tls", f"-b{proc.HOST},{upstream_port}",
+            "nghttpx", "-n1", f"-f{proc.HOST},{port};no-tls",
+            f"-b{proc.HOST},{upstream_port}" + (";;proto=h2" if listener == "grpc" else ""),
             "--log-level=WARN", f"--conf={empty}",
         ]
         config = workdir / "nghttpx.args"  # the whole configuration is on the command line

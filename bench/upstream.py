@@ -4,10 +4,13 @@
   POST /upload (reads the whole body, then answers "uploaded"), one worker,
   keepalive_requests high, access_log off, sendfile on.
 - "iperf3": an iperf3 server, for bulk TCP.
+- "grpc": a grpcio server (grpcorigin.py) answering the unary method `/bench.Echo/Unary`.
 """
 
+import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from pathlib import Path
 from . import BenchError, proc
 
 _INSTALL = {"http": "nginx", "iperf3": "iperf3"}
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # holds `bench`, for python -m
 
 
 @dataclass(frozen=True)
@@ -75,22 +79,30 @@ def _nginx_origin(workdir: Path, port: int) -> list[str]:
 
 def missing(kind: str) -> str | None:
     """Why the origin of this kind cannot run here, or None."""
+    if kind == "grpc":
+        found = importlib.util.find_spec("grpc") is not None
+        return None if found else "the grpcio package is not installed (pip install grpcio)"
     tool = _INSTALL[kind]
     return None if shutil.which(tool) else f"{tool} is not installed (apt-get install -y {tool})"
 
 
 @contextmanager
 def origin(kind: str, workdir: Path, log: Path, cpu: int | None) -> Iterator[Origin]:
-    """Run the origin of this kind ("http" or "iperf3") on `cpu` until the block exits.
+    """Run the origin of this kind ("http", "iperf3" or "grpc") on `cpu` until the block exits.
 
     `workdir` must be readable by nginx's unprivileged worker user."""
     if reason := missing(kind):
         raise BenchError(reason)
     workdir.mkdir(mode=0o755)
     port = proc.free_port()
+    env = None
     if kind == "http":
         argv = _nginx_origin(workdir, port)
+    elif kind == "grpc":
+        argv = [sys.executable, "-m", "bench.grpcorigin", "--host", proc.HOST, "--port", str(port)]
+        path = os.environ.get("PYTHONPATH")
+        env = {"PYTHONPATH": _PACKAGE_ROOT + (os.pathsep + path if path else "")}
     else:
         argv = ["iperf3", "-s", "-B", proc.HOST, "-p", str(port)]
-    with proc.started(argv, cpu, log, port) as process:
+    with proc.started(argv, cpu, log, port, env=env) as process:
         yield Origin(port, process.pid)

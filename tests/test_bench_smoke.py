@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 TARGETS = ["direct", "meshproxy"]
 RUN_TIMEOUT = 120.0  # seconds one scenario may take (about 5-13 s here)
 
-# Per scenario: the tools it needs, extra options, its targets (when not TARGETS), the
-# throughput figure that must be positive, and whether it records latency (.hgrm).
+# Per scenario: the tools (and Python modules) it needs, extra options, its targets (when not
+# TARGETS), the throughput figure that must be positive, and whether it records latency (.hgrm).
 SCENARIOS: dict[str, dict] = {
     "tcp-throughput": {"tools": ["iperf3"], "rate_key": "gbps", "latency": False},
     "tcp-rps": {"tools": ["nginx", "wrk"]},
@@ -50,6 +50,9 @@ SCENARIOS: dict[str, dict] = {
     "mtls-handshakes": {"tools": ["nginx", "haproxy"],
                         "targets": ["meshproxy-mtls", "nginx-tls", "haproxy-tls"],
                         "rate_key": "hps", "latency": False},
+    # HTTP/2: h2load (direct gets --h1), and gRPC calls from a grpcio client to a grpcio origin.
+    "h2-small": {"tools": ["nginx", "h2load"], "latency": False},
+    "grpc-unary": {"tools": [], "modules": ["grpc"], "rate_key": "cps"},
 }
 
 
@@ -127,6 +130,7 @@ def test_scenario_list_is_covered() -> None:
 def test_scenario_smoke(scenario: str, tmp_path: Path) -> None:
     spec = SCENARIOS[scenario]
     missing = [tool for tool in spec["tools"] if shutil.which(tool) is None]
+    missing += [m for m in spec.get("modules", ()) if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{scenario} needs {', '.join(missing)} (not on PATH)")
     if importlib.util.find_spec("hdrh") is None:
