@@ -1,28 +1,23 @@
 """HTTP/2 ⇄ HTTP/1.1 translation and the inbound frame watch, sans-IO.
 
-The `h2` library does the HTTP/2 framing, HPACK and stream states; this module holds
-what meshproxy adds around it, all pure (bytes and values in, values out):
+The server's frames, HPACK and stream states are `_core.h2conn`; its request checks
+(RFC 9113 §8) and the HTTP/1.1 request head are `_core.h2msg`. This module holds the
+rest of what meshproxy does around them, all pure (bytes and values in, values out):
 
 - `is_h2_preface`: tells a prior-knowledge HTTP/2 client from an HTTP/1 one by the
   connection preface, deciding as soon as the bytes allow (HTTP/1 requests never start
   with "PRI *", so an HTTP/1 client is told apart on its first bytes and never stalls).
-- `parse_request`: an HTTP/2 request's header list checked per RFC 9113 §8 (pseudo-header
-  rules, lowercase names, connection-specific fields, `te`, CR/LF/NUL and edge
-  whitespace, `host` vs `:authority`, content-length) and bounded (header count, cookie
-  crumbs included, and list size), into an `H2Request`; `MalformedRequest` says how to
-  refuse it (a stream reset, or a 431).
-- `h1_request_head` / `h2_request_headers`: that request as sent upstream.
+- `parse_trailers`: a request's trailer section checked like its fields.
+- `h2_request_headers`: a request as sent to an HTTP/2 upstream.
 - `h2_response_headers` / `h2_trailers`: an HTTP/1.1 response head (or a chunked body's
   trailer section) as HTTP/2 fields, hop-by-hop fields removed.
 - `TrailerDecoder`: the data and the trailer fields out of a chunked body whose framing
   `ChunkedScanner` checked.
 - gRPC: `parse_grpc_timeout`, `grpc_status_for`, `grpc_error_headers` (a trailers-only
   response carrying a proxy-made error).
-- `InboundFrames`: watches the client's frames as bytes go by, before the h2 state
-  machine sees them: header block size and CONTINUATION count, SETTINGS, PING, PRIORITY,
-  WINDOW_UPDATE and empty-frame floods, rapid reset; and takes GOAWAY frames out of the
-  byte stream so that a peer's graceful GOAWAY does not stop the streams still open
-  (h2 closes its whole state machine on one).
+- `GoawayTap`: takes GOAWAY frames out of an upstream's byte stream before h2's state
+  machine (the upstream side's) sees them, so that a peer's graceful GOAWAY does not stop
+  the streams still open (h2 closes its whole state machine on one).
 """
 
 from __future__ import annotations
@@ -30,7 +25,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .._core.h2conn import check_field, check_value
+from .._core.h2msg import (
+    CONNECTION_SPECIFIC,
+    FIELD_OVERHEAD,
+    REPLACED,
+    H2Request,
+    MalformedRequest,
+    check_field,
+)
 from .._core.http1 import Limits, parse_response
 from .local_reply import local_reply
 
@@ -87,170 +89,10 @@ class H2Limits:
 # -- requests ---------------------------------------------------------------------------------
 
 
-class MalformedRequest(Exception):
-    """A request refused before routing: reset the stream with `error_code`, or, when
-    `status` is set, answer it with that status (431 for headers over the limits)."""
-
-    def __init__(self, reason: str, *, status: int | None = None, code: str = "h2_malformed",
-                 error_code: int = PROTOCOL_ERROR) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.code = code
-        self.error_code = error_code
-
-
-# Fields that exist only per connection in HTTP/1 and are malformed in HTTP/2 (RFC 9113 §8.2.2).
-CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                                 b"upgrade"})
-# Fields the proxy sets itself on the way upstream.
-REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"host", b"te", b"content-length",
-                      b"cookie", b"x-forwarded-client-cert"})
-_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-# Each field costs its name, its value and this much (RFC 9113 §6.5.2).
-FIELD_OVERHEAD = 32
-
-
-class H2Request:
-    """A checked HTTP/2 request head: its pseudo-header fields and the regular fields in
-    order (cookie crumbs joined into one field, `host` folded into `authority`)."""
-
-    __slots__ = ("authority", "content_length", "fields", "grpc", "method", "path", "scheme")
-
-    def __init__(self, method: bytes, scheme: bytes, authority: bytes | None, path: bytes,
-                 fields: list[tuple[bytes, bytes]], content_length: int, grpc: bool) -> None:
-        self.method = method
-        self.scheme = scheme
-        self.authority = authority
-        self.path = path
-        self.fields = fields
-        self.content_length = content_length  # -1: not given
-        self.grpc = grpc  # content-type application/grpc[+proto|...]
-
-    @property
-    def route_path(self) -> bytes:
-        """The path without its query, as routes match it."""
-        q = self.path.find(b"?")
-        return self.path if q < 0 else self.path[:q]
-
-    def get(self, name: bytes) -> bytes | None:
-        """The first value of field `name` (lowercase), or None."""
-        for n, v in self.fields:
-            if n == name:
-                return v
-        return None
-
-    def get_all(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.fields if n == name]
-
-
 def _check_field(name: bytes, value: bytes) -> None:
     reason = check_field(name, value)
     if reason is not None:
         raise MalformedRequest(reason)
-
-
-def _check_value(name: bytes, value: bytes) -> None:
-    reason = check_value(name, value)
-    if reason is not None:
-        raise MalformedRequest(reason)
-
-
-def parse_request(headers: list[tuple[bytes, bytes]], max_list_size: int = 61440,
-                  max_fields: int = 100) -> H2Request:
-    """Check a request's header list (as HPACK decoded it: names and values bytes) and
-    return it as an `H2Request`; MalformedRequest when it must be refused."""
-    size = 0
-    count = len(headers)
-    method = scheme = authority = path = None
-    host = None
-    regular = False
-    fields: list[tuple[bytes, bytes]] = []
-    cookies: list[bytes] = []
-    content_length = -1
-    grpc = False
-    for name, value in headers:
-        size += len(name) + len(value) + FIELD_OVERHEAD
-        if name[:1] == b":":
-            if regular:
-                raise MalformedRequest(f"pseudo-header {name[:64]!r} after a regular field")
-            if name not in _PSEUDO:
-                raise MalformedRequest(f"unknown pseudo-header {name[:64]!r}")
-            _check_value(name, value)
-            if name == b":method":
-                if method is not None:
-                    raise MalformedRequest("duplicate :method")
-                if not value or not _TOKEN.issuperset(value):
-                    raise MalformedRequest("invalid :method")
-                method = value
-            elif name == b":scheme":
-                if scheme is not None:
-                    raise MalformedRequest("duplicate :scheme")
-                scheme = value
-            elif name == b":authority":
-                if authority is not None:
-                    raise MalformedRequest("duplicate :authority")
-                authority = value
-            else:
-                if path is not None:
-                    raise MalformedRequest("duplicate :path")
-                path = value
-            continue
-        regular = True
-        _check_field(name, value)
-        if name in CONNECTION_SPECIFIC:
-            raise MalformedRequest(f"connection-specific field {name.decode()!r}")
-        if name == b"te":
-            if value.lower() != b"trailers":
-                raise MalformedRequest("te other than trailers")
-            continue
-        if name == b"cookie":
-            cookies.append(value)
-            continue
-        if name == b"host":
-            if host is not None:
-                raise MalformedRequest("duplicate host")
-            host = value
-            continue
-        if name == b"content-length":
-            if not value.isdigit() or len(value) > 18:
-                raise MalformedRequest("invalid content-length")
-            length = int(value)
-            if content_length >= 0 and length != content_length:
-                raise MalformedRequest("conflicting content-length")
-            content_length = length
-            continue
-        if name == b"content-type" and value.startswith(b"application/grpc"):
-            grpc = True
-        fields.append((name, value))
-    if count > max_fields:
-        raise MalformedRequest(f"{count} header fields, over the limit of {max_fields}",
-                               status=431, code="headers_too_large")
-    if size > max_list_size:
-        raise MalformedRequest(f"header list of {size} bytes, over the limit of {max_list_size}",
-                               status=431, code="headers_too_large")
-    if method is None:
-        raise MalformedRequest("missing :method")
-    if method == b"CONNECT":
-        # Tunnels over HTTP/2 streams are not proxied (yet): answered, not reset.
-        raise MalformedRequest("CONNECT over HTTP/2 is not supported", status=501, code="h2_connect_unsupported")
-    if scheme is None or not scheme:
-        raise MalformedRequest("missing :scheme")
-    if path is None or not path:
-        raise MalformedRequest("missing :path")
-    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
-        raise MalformedRequest("invalid :path")
-    if host is not None:
-        if authority is None:
-            authority = host
-        elif host != authority:
-            raise MalformedRequest("host differs from :authority")
-    if authority is not None and not authority:
-        authority = None
-    if cookies:
-        # Crumbs are joined for the HTTP/1 side (RFC 9113 §8.2.3).
-        fields.append((b"cookie", b"; ".join(cookies)))
-    return H2Request(method, scheme, authority, path, fields, content_length, grpc)
 
 
 def parse_trailers(headers: list[tuple[bytes, bytes]], max_list_size: int = 61440,
@@ -268,19 +110,6 @@ def parse_trailers(headers: list[tuple[bytes, bytes]], max_list_size: int = 6144
     if len(headers) > max_fields or size > max_list_size:
         raise MalformedRequest("trailers over the header limits")
     return headers
-
-
-def h1_request_head(request: H2Request, extra: bytes, framing: bytes) -> bytes:
-    """The HTTP/1.1 request head for `request`: request line, Host, its fields except the
-    ones the proxy replaces, `framing` ("content-length: N\\r\\n", "transfer-encoding:
-    chunked\\r\\n" or nothing), `extra` (ready field lines), the empty line."""
-    out = [request.method, b" ", request.path, b" HTTP/1.1\r\nhost: ", request.authority or b"", b"\r\n"]
-    for name, value in request.fields:
-        if name in REPLACED and name != b"cookie":
-            continue
-        out += (name, b": ", value, b"\r\n")
-    out += (framing, extra, b"\r\n")
-    return b"".join(out)
 
 
 def h2_request_headers(request: H2Request, extra: list[tuple[bytes, bytes]],
@@ -507,59 +336,30 @@ def grpc_error_headers(status: int, code: str, detail: str = "",
     return out
 
 
-# -- the inbound frame watch -------------------------------------------------------------------
+# -- GOAWAY out of an upstream's byte stream --------------------------------------------------
 
-_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, \
-    _CONTINUATION = range(10)
-_END_STREAM = 0x1
-_ACK = 0x1
-_END_HEADERS = 0x4
+_GOAWAY = 7
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length as 16 + 8 bits, type, flags, stream id
 _GOAWAY_KEEP = 1024  # of a GOAWAY's payload: ids, code and the start of its debug data
 
 
-class InboundFrames:
+class GoawayTap:
     """Follows a peer's frames through the byte stream, before h2 parses them.
 
-    `feed(data, now)` returns the bytes h2 should see: `data` itself, unless GOAWAY frames
-    were in it, which are taken out and reported in `goaways` as (last stream id, error
-    code, debug data). After a feed, `violation` names the first limit the peer broke
-    (an error code for logs and metrics), and the connection should end with GOAWAY
-    ENHANCE_YOUR_CALM. `note_reset` counts a stream the proxy reset because of the peer
-    (a malformed request) like one the peer reset.
-
-    With `limits` None nothing is limited (an upstream connection: only GOAWAY is watched).
+    `feed(data)` returns the bytes h2 should see: `data` itself, unless GOAWAY frames were
+    in it, which are taken out and reported in `goaways` as (last stream id, error code,
+    debug data).
     """
 
-    def __init__(self, limits: H2Limits | None, preface: int = 0) -> None:
-        self.limits = limits
-        self._skip = preface  # bytes to pass without looking (the client preface)
+    def __init__(self, preface: int = 0) -> None:
+        self._skip = preface  # bytes to pass without looking (a client preface)
         self._partial = b""  # the start of a frame header cut off by the end of a feed
         self._left = 0  # payload bytes of the current frame still to come
         self._capture: bytearray | None = None  # the payload of a GOAWAY being taken out
         self._capture_left = 0
         self.goaways: list[tuple[int, int, bytes]] = []
-        self.violation: str | None = None
-        self._in_block = False  # inside a HEADERS block without END_HEADERS yet
-        self._block_bytes = 0
-        self._block_frames = 0
-        self.block_started = 0.0  # when the open header block began
-        self._highest = 0  # highest stream id a HEADERS frame opened
-        self._empty = 0  # consecutive frames with nothing in them
-        self._window_start = -1.0
-        self._settings = self._pings = self._priority = self._window_updates = 0
-        self._reset_start = -1.0
-        self.opened = 0  # streams opened in the current reset window
-        self.resets = 0  # ... and reset early (by the peer, or by us because of the peer)
 
-    @property
-    def in_header_block(self) -> bool:
-        return self._in_block
-
-    def note_reset(self, now: float) -> None:
-        self._count_reset(now)
-
-    def feed(self, data: bytes, now: float) -> bytes:
+    def feed(self, data: bytes) -> bytes:
         if self._partial:
             # A frame header was cut off by the end of the last feed: it was held back.
             data = self._partial + data
@@ -568,10 +368,6 @@ class InboundFrames:
         i = 0
         out: list[bytes] | None = None  # set once something is taken out or held back
         keep_from = 0  # start of the bytes not yet copied to `out`
-        limits = self.limits
-        if limits is not None and now - self._window_start >= limits.flood_window:
-            self._window_start = now
-            self._settings = self._pings = self._priority = self._window_updates = 0
         while i < n:
             if self._skip:
                 step = min(self._skip, n - i)
@@ -603,10 +399,9 @@ class InboundFrames:
                 out.append(data[keep_from:i])
                 return b"".join(out)
             start = i
-            high, low, kind, flags, stream = _FRAME_HEADER.unpack_from(data, i)
+            high, low, kind, _, _ = _FRAME_HEADER.unpack_from(data, i)
             i += 9
             length = (high << 8) | low
-            stream &= 0x7FFFFFFF
             if kind == _GOAWAY:
                 # Taken out of the stream; what came before it goes on as is.
                 if out is None:
@@ -619,8 +414,6 @@ class InboundFrames:
                     self._goaway_done()
                 continue
             self._left = length
-            if limits is not None and self.violation is None:
-                self._watch(kind, flags, stream, length, now, limits)
         if out is None:
             return data
         out.append(data[keep_from:])
@@ -634,77 +427,3 @@ class InboundFrames:
             self.goaways.append((last & 0x7FFFFFFF, code, payload[8:]))
         else:
             self.goaways.append((0, PROTOCOL_ERROR, b"short GOAWAY"))
-
-    def _watch(self, kind: int, flags: int, stream: int, length: int, now: float, limits: H2Limits) -> None:
-        if kind == _HEADERS or kind == _CONTINUATION:
-            if kind == _HEADERS:
-                if stream > self._highest and stream & 1:
-                    self._highest = stream
-                    self._count_open(now)
-                if not self._in_block:
-                    self._in_block = True
-                    self._block_bytes = 0
-                    self._block_frames = 0
-                    self.block_started = now
-            else:
-                self._block_frames += 1
-                if self._block_frames > limits.max_continuations:
-                    self.violation = "continuation_flood"
-                    return
-            self._block_bytes += length
-            if self._block_bytes > limits.max_header_block:
-                self.violation = "header_block_too_large"
-                return
-            if flags & _END_HEADERS:
-                self._in_block = False
-            self._empty_frame(length == 0 and not flags & _END_STREAM and kind == _CONTINUATION, limits)
-        elif kind == _DATA:
-            self._empty_frame(length == 0 and not flags & _END_STREAM, limits)
-        elif kind == _SETTINGS:
-            if not flags & _ACK:
-                self._settings += 1
-                if self._settings > limits.max_settings:
-                    self.violation = "settings_flood"
-        elif kind == _PING:
-            if not flags & _ACK:
-                self._pings += 1
-                if self._pings > limits.max_pings:
-                    self.violation = "ping_flood"
-        elif kind == _RST_STREAM:
-            self._count_reset(now)
-        elif kind == _PRIORITY:
-            self._priority += 1
-            if self._priority > limits.max_priority:
-                self.violation = "priority_flood"
-        elif kind == _WINDOW_UPDATE:
-            self._window_updates += 1
-            if self._window_updates > limits.max_window_updates:
-                self.violation = "window_update_flood"
-
-    def _empty_frame(self, empty: bool, limits: H2Limits) -> None:
-        if not empty:
-            self._empty = 0
-            return
-        self._empty += 1
-        if self._empty > limits.max_empty_frames:
-            self.violation = "empty_frame_flood"
-
-    def _reset_window(self, now: float) -> None:
-        limits = self.limits
-        if limits is not None and now - self._reset_start >= limits.reset_window:
-            self._reset_start = now
-            self.opened = self.resets = 0
-
-    def _count_open(self, now: float) -> None:
-        self._reset_window(now)
-        self.opened += 1
-
-    def _count_reset(self, now: float) -> None:
-        limits = self.limits
-        if limits is None:
-            return
-        self._reset_window(now)
-        self.resets += 1
-        if (self.resets >= limits.reset_min_streams and self.resets >= limits.reset_ratio * self.opened
-                and self.violation is None):
-            self.violation = "rapid_reset"

@@ -58,6 +58,7 @@ from .._core.h2conn import (
     H2Conn,
     StreamClosed,
 )
+from .._core.h2msg import H2Request, MalformedRequest, h1_request_head, parse_request
 from .._core.http1 import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -84,18 +85,14 @@ from .h2codec import (
     PROTOCOL_ERROR,
     REFUSED_STREAM,
     H2Limits,
-    H2Request,
-    MalformedRequest,
     TrailerDecoder,
     grpc_error_headers,
-    h1_request_head,
     h2_local_reply,
     h2_request_headers,
     h2_response_headers,
     h2_trailers,
     is_h2_preface,
     parse_grpc_timeout,
-    parse_request,
     parse_trailers,
 )
 from .h2transport import StreamGone

@@ -52,8 +52,8 @@ from ..http.h2codec import (
     CANCEL,
     NO_ERROR,
     REFUSED_STREAM,
+    GoawayTap,
     H2Limits,
-    InboundFrames,
     h2_response_from_upstream,
 )
 from ..http.h2transport import H2Transport, StreamGone
@@ -156,7 +156,7 @@ class H2ClientConnection:
             SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
         })
         self.transport = H2Transport(up.fd, self.state, limits)
-        self.frames = InboundFrames(None)
+        self.frames = GoawayTap()
         self.streams: dict[int, H2ClientStream] = {}
         self.closing = False  # no new streams (GOAWAY received or sent, or broken)
         self.closed = False
@@ -279,7 +279,7 @@ class H2ClientConnection:
 
     def _receive(self, data: bytes) -> bool:
         frames = self.frames
-        data = frames.feed(data, 0.0)
+        data = frames.feed(data)
         if frames.goaways:
             for last_stream_id, code, _ in frames.goaways:
                 self._goaway(last_stream_id, code)

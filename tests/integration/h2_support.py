@@ -39,7 +39,7 @@ from proxy._core import sockops
 from proxy._core.splice import RelayEngine
 from proxy.config import ConfigError, parse_config
 from proxy.http.h1proxy import Http1Proxy
-from proxy.http.h2codec import H2Limits, InboundFrames, is_h2_preface
+from proxy.http.h2codec import GoawayTap, H2Limits, is_h2_preface
 from proxy.http.h2server import drain, serve_h2
 from proxy.net.accept import accept_loop
 from proxy.net.tcp_proxy import run_engine
@@ -387,7 +387,7 @@ class H2Client:
                                                                          validate_inbound_headers=False))
         self.responses: dict[int, Response] = {}
         self.goaway: h2.events.ConnectionTerminated | None = None
-        self.frames = InboundFrames(None)
+        self.frames = GoawayTap()
         self.raw = raw  # only frames sent by hand: what comes back is only watched for GOAWAY
         self.closed = False
         self.conn.initiate_connection()
@@ -444,7 +444,7 @@ class H2Client:
             self.closed = True
             return False
         # GOAWAY is taken out and reported (h2 would refuse the rest of open streams).
-        data = self.frames.feed(data, 0.0)
+        data = self.frames.feed(data)
         for last, code, debug in self.frames.goaways:
             self.goaway = h2.events.ConnectionTerminated()
             self.goaway.last_stream_id, self.goaway.error_code, self.goaway.additional_data = last, code, debug

@@ -1,5 +1,5 @@
-"""The pure HTTP/2 helpers: preface detection, request checks (RFC 9113 §8), translation
-to and from HTTP/1.1, chunked trailers, gRPC statuses, and the inbound frame watch."""
+"""The pure HTTP/2 helpers: preface detection, request checks (RFC 9113 §8, `_core.h2msg`), translation
+to and from HTTP/1.1, chunked trailers, gRPC statuses, and GOAWAY taken out of an upstream's bytes."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from proxy._core.h2msg import MalformedRequest, h1_request_head, parse_request
 
 from proxy.http import h2codec
 from proxy.http.h2codec import (
     PREFACE,
-    H2Limits,
-    InboundFrames,
-    MalformedRequest,
+    GoawayTap,
     TrailerDecoder,
     grpc_error_headers,
     grpc_status_for,
-    h1_request_head,
     h2_local_reply,
     h2_request_headers,
     h2_response_from_upstream,
@@ -28,7 +26,6 @@ from proxy.http.h2codec import (
     h2_trailers,
     is_h2_preface,
     parse_grpc_timeout,
-    parse_request,
     parse_trailers,
 )
 
@@ -253,86 +250,23 @@ AFTER = frame(6, 0, 0, b"12345678") + frame(0, 1, 1, b"data")
 @given(st.lists(st.integers(min_value=0, max_value=len(BEFORE + GOAWAY + AFTER)), max_size=8))
 def test_goaway_is_taken_out_at_any_split(cuts):
     stream = BEFORE + GOAWAY + AFTER
-    frames = InboundFrames(None)
+    frames = GoawayTap()
     out = b""
     start = 0
     for point in [*sorted(cuts), len(stream)]:
-        out += frames.feed(stream[start:point], 0.0)
+        out += frames.feed(stream[start:point])
         start = point
     assert out == BEFORE + AFTER
     assert frames.goaways == [(5, 0, b"bye")]
 
 
 def test_the_preface_passes_unlooked_at():
-    frames = InboundFrames(H2Limits(), preface=len(PREFACE))
+    frames = GoawayTap(preface=len(PREFACE))
     data = PREFACE + BEFORE
-    assert frames.feed(data, 0.0) is data
-    assert frames.violation is None
+    assert frames.feed(data) is data
 
 
 def test_without_goaway_the_bytes_are_not_copied():
-    frames = InboundFrames(H2Limits())
+    frames = GoawayTap()
     data = BEFORE + AFTER
-    assert frames.feed(data, 0.0) is data
-
-
-@pytest.mark.parametrize(("one", "violation"), [
-    (frame(4, 0, 0), "settings_flood"),
-    (frame(6, 0, 0, b"12345678"), "ping_flood"),
-    (frame(2, 0, 1, b"\x00\x00\x00\x00\x10"), "priority_flood"),
-    (frame(8, 0, 0, b"\x00\x00\x00\x01"), "window_update_flood"),
-    (frame(0, 0, 1), "empty_frame_flood"),
-])
-def test_floods(one, violation):
-    limits = H2Limits(max_settings=10, max_pings=10, max_priority=10, max_window_updates=10, max_empty_frames=10)
-    frames = InboundFrames(limits)
-    frames.feed(one * 10, 0.0)
-    assert frames.violation is None
-    frames.feed(one, 0.5)
-    assert frames.violation == violation
-
-
-def test_flood_counts_are_per_window():
-    frames = InboundFrames(H2Limits(max_pings=10, flood_window=1.0))
-    ping = frame(6, 0, 0, b"12345678")
-    for second in range(5):
-        frames.feed(ping * 10, float(second))
-    assert frames.violation is None
-    frames.feed(frame(6, 1, 0, b"12345678") * 100, 4.5)  # ACKs are not counted
-    assert frames.violation is None
-
-
-def test_header_block_bytes_and_continuations_are_capped():
-    frames = InboundFrames(H2Limits(max_header_block=1000))
-    frames.feed(frame(1, 0, 1, b"x" * 600), 0.0)
-    assert frames.in_header_block and frames.violation is None
-    frames.feed(frame(9, 0, 1, b"x" * 600), 0.0)
-    assert frames.violation == "header_block_too_large"
-    frames = InboundFrames(H2Limits(max_continuations=5))
-    frames.feed(frame(1, 0, 1, b"x") + frame(9, 0, 1) * 6, 0.0)
-    assert frames.violation == "continuation_flood"
-    frames = InboundFrames(H2Limits())
-    frames.feed(frame(1, 0, 1, b"x") + frame(9, 4, 1, b"y"), 0.0)
-    assert not frames.in_header_block and frames.violation is None
-
-
-def test_rapid_reset():
-    limits = H2Limits(reset_min_streams=50, reset_ratio=0.5, reset_window=10.0)
-    frames = InboundFrames(limits)
-    batch = b"".join(frame(1, 5, sid, b"\x82") + frame(3, 0, sid, b"\x00\x00\x00\x08") for sid in range(1, 98, 2))
-    frames.feed(batch, 0.0)  # 49 opened and reset
-    assert frames.violation is None
-    frames.feed(frame(1, 5, 99, b"\x82") + frame(3, 0, 99, b"\x00\x00\x00\x08"), 0.1)
-    assert frames.violation == "rapid_reset"
-
-
-def test_resets_of_a_few_among_many_streams_are_fine():
-    frames = InboundFrames(H2Limits(reset_min_streams=50, reset_ratio=0.5))
-    sid = 1
-    for _ in range(100):
-        frames.feed(frame(1, 5, sid, b"\x82") + frame(1, 5, sid + 2, b"\x82") + frame(1, 5, sid + 4, b"\x82")
-                    + frame(3, 0, sid, b"\x00\x00\x00\x08"), 0.0)
-        sid += 6
-    assert frames.violation is None
-    frames.note_reset(0.0)
-    assert frames.violation is None
+    assert frames.feed(data) is data

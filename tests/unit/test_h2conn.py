@@ -355,3 +355,38 @@ def test_open_streams_counts_what_the_protocol_sees():
     assert pair.server.stream_state(5) == OPEN
     pair.server.send_headers(1, [(b":status", b"204")], True)
     assert pair.server.open_streams == 2
+
+
+def test_flood_counts_are_per_window():
+    server = H2Conn(H2Limits(max_pings=10, flood_window=1.0), 0)
+    for second in range(5):
+        server.receive(PingFrame(0, b"12345678").serialize() * 10, float(second))
+    assert server.violation is None
+    server.receive(PingFrame(0, b"12345678", flags=["ACK"]).serialize() * 100, 4.5)  # ACKs are not counted
+    assert server.violation is None
+
+
+def test_rapid_reset_needs_the_minimum_and_the_ratio():
+    limits = H2Limits(reset_min_streams=50, reset_ratio=0.5)
+    encoder = hpack.Encoder()
+
+    def opened_and_reset(sid: int) -> bytes:
+        return (HeadersFrame(sid, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize()
+                + RstStreamFrame(sid, error_code=8).serialize())
+
+    server = H2Conn(limits, 0)
+    server.receive(b"".join(opened_and_reset(sid) for sid in range(1, 98, 2)), 0.0)  # 49 opened and reset
+    assert server.violation is None
+    server.receive(opened_and_reset(99), 0.1)
+    assert server.violation == "rapid_reset"
+    # A few resets among many streams are fine.
+    server = H2Conn(limits, 0)
+    encoder = hpack.Encoder()
+    sid = 1
+    for _ in range(100):
+        data = b"".join(HeadersFrame(s, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize()
+                        for s in (sid, sid + 2, sid + 4))
+        server.receive(data + RstStreamFrame(sid, error_code=8).serialize(), 0.0)
+        sid += 6
+    server.note_reset(0.0)
+    assert server.violation is None

@@ -19,7 +19,7 @@ import proxy
 
 PURE_PACKAGES = ["config", "cluster", "policy", "route", "telemetry"]
 PURE_FILES = ["errors.py"]
-PURE_CORES = ["h2conn", "hpack", "lb", "tally"]
+PURE_CORES = ["h2conn", "h2msg", "hpack", "lb", "tally"]
 IO_MODULES = ("trio", "socket", "select", "selectors", "asyncio")
 
 
