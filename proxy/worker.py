@@ -94,8 +94,9 @@ class ListenerServer:
         """mTLS first, then the listener's driver on the plaintext (it sees the client's
         identity through `tls.peer(fd)`). The tcp relay counts its bytes itself."""
         assert listener.tls is not None
+        http = listener.protocol == "http"
         await self.tls.serve_downstream(fd, listener.tls.mode, proxy.serve, proxy.stats,
-                                        listener.idle_timeout, count_bytes=listener.protocol == "http")
+                                        listener.idle_timeout, count_bytes=http, http=http)
 
     def stop_accepting(self) -> None:
         self._accepting.cancel()

@@ -104,14 +104,20 @@ class TlsContexts:
     trust_domain: str
     server: ssl.SSLContext
     client: ssl.SSLContext
+    http_server: ssl.SSLContext  # `server` offering HTTP/2 and HTTP/1.1 by ALPN, for HTTP listeners
 
     @classmethod
     def build(cls, cert_chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, spiffe_id: str) -> TlsContexts:
         """Raises ssl.SSLError or ValueError when the PEMs do not make a usable pair."""
         trust_domain = SpiffeId.parse(spiffe_id).trust_domain
+        http_server = server_context(cert_chain_pem, key_pem, bundle_pem)
+        # The HTTP driver tells the protocols apart by the first bytes (the HTTP/2 preface),
+        # so ALPN only has to let a client that asks for h2 speak it.
+        http_server.set_alpn_protocols(["h2", "http/1.1"])
         return cls(spiffe_id, trust_domain,
                    server_context(cert_chain_pem, key_pem, bundle_pem),
-                   client_context(cert_chain_pem, key_pem, bundle_pem))
+                   client_context(cert_chain_pem, key_pem, bundle_pem),
+                   http_server)
 
 
 def server_context(cert_chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> ssl.SSLContext:

@@ -115,7 +115,7 @@ class TlsBridges:
     # -- termination ------------------------------------------------------------------------
     async def serve_downstream(self, fd: int, mode: str, serve: Callable[[int], Awaitable[None]],
                                stats: ListenerStats, idle_timeout: float, *,
-                               count_bytes: bool = True) -> None:
+                               count_bytes: bool = True, http: bool = False) -> None:
         """Serve one accepted connection of a listener with `tls`; always closes `fd`.
 
         `mode` "strict" takes TLS only; "permissive" hands a client whose first byte is not
@@ -125,7 +125,8 @@ class TlsBridges:
         The connection was counted in `stats.active` by the acceptor: `serve` uncounts it,
         or this does when the client is refused. A client that reads nothing for
         `idle_timeout` while bytes wait for it is cut. `count_bytes` adds the bytes on the wire
-        to the listener's (a driver counting the plaintext itself passes False).
+        to the listener's (a driver counting the plaintext itself passes False). `http`: an
+        HTTP listener, which offers h2 and http/1.1 by ALPN.
         """
         sock = socket.socket(fileno=fd)  # owns fd from here
         plaintext = False
@@ -134,7 +135,7 @@ class TlsBridges:
                 plaintext = mode == "permissive" and not await _starts_with_tls(sock)
                 if not plaintext:
                     contexts = await self._current_contexts()
-                    conn = _TlsConnection(sock, contexts.server, server_side=True,
+                    conn = _TlsConnection(sock, contexts.http_server if http else contexts.server, server_side=True,
                                           stall_timeout=idle_timeout)
                     await conn.handshake()
                     svid = check_peer_svid(conn.ssl.getpeercert(True), contexts.trust_domain)

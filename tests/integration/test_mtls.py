@@ -301,6 +301,11 @@ def test_real_clients_openssl_and_curl(api_strict, mesh_ca, tmp_path):
                              f"https://{endpoint(address)}/"], capture_output=True, text=True, timeout=10,
                             check=False)
         assert ok.stdout == "hello from the app", ok
+        # HTTP/2 by ALPN over the same mTLS listener.
+        h2 = subprocess.run(["curl", "-sk", "--http2", "--cert", client.files[0], "--key", client.files[1],
+                             "-w", " over HTTP/%{http_version}", f"https://{endpoint(address)}/"],
+                            capture_output=True, text=True, timeout=10, check=False)
+        assert h2.stdout == "hello from the app over HTTP/2", h2
         refused = subprocess.run(["curl", "-sk", f"https://{endpoint(address)}/"], capture_output=True,
                                  timeout=10, check=False)
         assert refused.returncode != 0

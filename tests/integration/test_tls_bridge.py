@@ -197,7 +197,7 @@ async def test_tls_clients_need_an_svid_of_the_trust_bundle(nursery, bridges, mo
     no_cert.check_hostname = False
     no_cert.load_verify_locations(cadata=CA.bundle_pem.decode())
     good = contexts(WEB)
-    refused[0].update(TlsContexts(WEB, "mesh.local", good.server, no_cert))
+    refused[0].update(TlsContexts(WEB, "mesh.local", good.server, no_cert, good.http_server))
     chain, key = other.svid(WEB)
     refused[1].update(TlsContexts.build(chain, key, CA.bundle_pem, WEB))
     for tls in refused:
