@@ -62,7 +62,8 @@ from ..route import RouteTable
 from ..telemetry import UNROUTED, EndpointStats, ListenerStats, record_request
 from ..tracing import PROPAGATION_HEADERS
 from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
-from ..upstream.h2pool import H2Upstreams
+from ..upstream.h2pool import H2StreamError, H2Upstreams
+from . import h1_to_h2
 from .dechunk import ChunkedDecoder
 from .h2codec import PREFACE
 from .h2server import drain as drain_h2
@@ -407,9 +408,8 @@ class Http1Proxy:
                     self._observed(observer, obs, head, route.name, cluster.name, None, status, code, started,
                                    request_id, peer, client)
                 return await self._refuse(fd, head, status, code, request_id)
-        if cluster.http2:
-            # An HTTP/1 request would reach an HTTP/2-only server (gRPC) as bytes it cannot
-            # read: say so instead.
+        if cluster.http2 and (head.upgrade is not None or head.method == b"CONNECT" or self.h2_upstreams is None):
+            # A tunnel has no HTTP/2 form here (RFC 8441 is not spoken upstream).
             record_request(route_stats, cluster.stats, None, 502, "upstream_protocol_unsupported",
                            monotonic() - started, None)
             if obs is not None:
@@ -484,6 +484,9 @@ class Http1Proxy:
                 self._mirror(policies, head, extra_fields, drop,
                              request[len(request) - body_len:] if body_len else b"")
         try:
+            if cluster.http2:
+                return await self._exchange_h2(fd, buf, ex, request[len(request) - body_len:] if body_len else b"",
+                                               extra_fields, drop)
             if body is _NO_BODY and not tunnel and not cluster.load_aware:
                 try:
                     pool = cluster.pick((), ex.key)
@@ -590,6 +593,83 @@ class Http1Proxy:
             if obs is not None:
                 self._observed(observer, obs, head, route.name, cluster.name, ex, ex.status, ex.error, started,
                                request_id, peer, client)
+
+    async def _exchange_h2(self, fd: int, buf: RecvBuffer, ex: _Exchange, first: bytes, extra_fields: bytes,
+                           drop: tuple[bytes, ...]) -> bool:
+        """A request to a `protocol: http2` cluster, as one stream on its multiplexed
+        connections (`h1_to_h2`); True when the client connection stays open."""
+        head, cluster, body = ex.head, ex.cluster, ex.body
+        assert self.h2_upstreams is not None
+        extra = [tuple(line.split(b": ", 1)) for line in extra_fields.split(b"\r\n") if line]
+        headers = h1_to_h2.h2_headers_of(head, extra, drop)
+        has_body = head.chunked or head.content_length > 0
+        deadline = ex.route_deadline()
+        tried: list[int] = []
+        while True:
+            try:
+                pool = cluster.pick(tried, ex.key)
+            except (CircuitOpenError, NoHealthyUpstreamError) as exc:
+                return await self._fail(fd, ex, _UpstreamFailed(exc.status, exc.code))
+            stream = None
+            try:
+                with trio.move_on_at(deadline):
+                    stream = await self.h2_upstreams.endpoint(cluster, pool).open_stream(headers, not has_body)
+            except CircuitOpenError as exc:
+                return await self._fail(fd, ex, _UpstreamFailed(exc.status, exc.code))
+            except UpstreamConnectError as exc:
+                cluster.record_outcome(pool, 0, exc.code)
+                tried.append(pool.index)
+                if len(tried) < min(len(cluster.pools), MAX_CONNECT_ATTEMPTS):
+                    continue
+                return await self._fail(fd, ex, _UpstreamFailed(exc.status, exc.code))
+            if stream is None:
+                return await self._fail(fd, ex, _UpstreamFailed(504, "upstream_timeout"))
+            break
+        ex.endpoint = pool.stats
+        ex.address = pool.address_text
+        pool.stats.active += 1
+        idle = STREAM_IDLE_TIMEOUT
+        try:
+            sent_at = monotonic()
+            try:
+                if has_body:
+                    scanner = body.scanner if isinstance(body, _RequestBody) else None
+                    await h1_to_h2.send_request_body(stream, fd, buf, first, scanner,
+                                                     body.remaining if scanner is None else 0, idle)
+                    body.complete = True
+                with trio.move_on_at(deadline):
+                    status, fields = await stream.response()
+            except ProtocolError as exc:
+                ex.status, ex.error = exc.status, exc.code
+                return await self._reply_and_close(fd, local_reply(exc.status, exc.code, str(exc), close=True))
+            except h1_to_h2.ClientGone as exc:
+                log.debug("%s: client gone mid-request: %s", self.listener.name, exc)
+                return False
+            except H2StreamError:
+                cluster.record_outcome(pool, 0, "upstream_reset")
+                return await self._fail(fd, ex, _UpstreamFailed(502, "upstream_reset"))
+            if stream.fields is None:
+                return await self._fail(fd, ex, _UpstreamFailed(504, "upstream_timeout"))
+            ex.upstream_time = monotonic() - sent_at
+            ex.upstream_status = ex.status = status
+            if cluster.outlier is not None:
+                cluster.record_outcome(pool, status, None)
+            ex.responded = True
+            bodyless = head.method == b"HEAD" or status in (204, 304)
+            chunked = not bodyless and not any(name == b"content-length" for name, _ in fields)
+            keep = head.keep_alive and body.complete and not self.draining
+            out = h1_to_h2.response_head(status, fields, chunked, not keep)
+            ex.bytes_out = len(out)
+            try:
+                await self._reply(fd, out)
+                if not bodyless:
+                    await h1_to_h2.send_response_body(stream, fd, chunked, idle)
+            except (H2StreamError, TimeoutError, h1_to_h2.ClientGone, _ClientGone) as exc:
+                log.debug("%s: response from HTTP/2 upstream broke off: %s", self.listener.name, exc)
+                return False
+            return keep
+        finally:
+            stream.cancel()
 
     @staticmethod
     def _observed(observer: Observer | None, obs: Observation, head: RequestHead, route: str | None,

@@ -148,6 +148,7 @@ class InProcessProxy:
             background.start_soon(run_engine, engine)
             proxy = Http1Proxy(self.listener, self.clusters, engine, stats)
             upstreams = H2Upstreams(background, self.limits)
+            proxy.h2_upstreams = upstreams  # for HTTP/1 clients of `protocol: http2` clusters
             self.proxy = proxy
             async with trio.open_nursery() as connections:
 

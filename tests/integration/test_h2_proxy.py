@@ -326,3 +326,85 @@ def test_drain_sends_goaway_and_finishes_open_streams(h2_origin, proxies):
         assert client.goaway is not None and client.goaway.error_code == 0
     finally:
         client.close()
+
+
+# -- HTTP/1.1 clients to HTTP/2 upstreams --------------------------------------------------
+
+
+def _recv(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    assert data, "the proxy closed the connection"
+    return data
+
+
+def _read_chunked_response(sock: socket.socket) -> tuple[bytes, bytes, bytes]:
+    """(head, body, trailer section) of one chunked HTTP/1.1 response."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _recv(sock)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    body = b""
+    while True:
+        while b"\r\n" not in rest:
+            rest += _recv(sock)
+        line, _, rest = rest.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            while not (rest.startswith(b"\r\n") or b"\r\n\r\n" in rest):
+                rest += _recv(sock)
+            return head, body, rest.partition(b"\r\n\r\n")[0] if not rest.startswith(b"\r\n") else b""
+        while len(rest) < size + 2:
+            rest += _recv(sock)
+        body += rest[:size]
+        rest = rest[size + 2:]
+
+
+def test_http1_clients_reach_an_h2_upstream(h2_origin, proxies):
+    proxy = proxies(_h2_config(h2_origin))
+    sock = socket.create_connection(proxy.address, timeout=10)
+    try:
+        sock.sendall(b"GET /json?x=1 HTTP/1.1\r\nHost: api.test\r\nX-Custom: yes\r\nConnection: keep-alive, x-hop\r\n"
+                     b"X-Hop: dropped\r\n\r\n")
+        head, body, _ = _read_chunked_response(sock)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"x-origin: h2" in head
+        seen = json.loads(body)
+        assert seen["path"] == "/json?x=1"
+        fields = dict(seen["headers"])
+        assert fields[":authority"] == "api.test" and fields["x-custom"] == "yes"
+        assert "connection" not in fields and "x-hop" not in fields and "x-forwarded-for" in fields
+        # A body with a length, on the same connection.
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: api.test\r\nContent-Length: 100000\r\n\r\n")
+        sock.sendall(b"u" * 100000)
+        _, body, _ = _read_chunked_response(sock)
+        assert json.loads(body)["body_length"] == 100000
+        # A chunked body whose trailers become HTTP/2 trailers.
+        sock.sendall(b"POST /chunks HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n")
+        _, body, _ = _read_chunked_response(sock)
+        seen = json.loads(body)
+        assert seen["body_length"] == 11 and seen["trailers"] == [["x-t", "1"]]
+        # The upstream's trailers come back in the chunked trailer section.
+        sock.sendall(b"GET /trailers HTTP/1.1\r\nHost: api.test\r\nTE: trailers\r\n\r\n")
+        _, body, trailers = _read_chunked_response(sock)
+        assert body == b"hello"
+        assert b"x-checksum: abc" in trailers and b"grpc-status: 0" in trailers
+    finally:
+        sock.close()
+    assert h2_origin.connections == 1
+
+
+def test_http1_client_to_a_resetting_h2_upstream_gets_502(h2_origin, proxies):
+    proxy = proxies(_h2_config(h2_origin))
+    sock = socket.create_connection(proxy.address, timeout=10)
+    try:
+        sock.sendall(b"GET /reset HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 502 ") and b"x-meshproxy-error: upstream_reset" in data
