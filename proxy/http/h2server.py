@@ -474,24 +474,27 @@ class H2ServerConnection:
             return trio.lowlevel.Abort.SUCCEEDED
 
         while True:
-            await self._run_stream(*job)
+            # The stream is served right here, not in a helper coroutine: every frame between
+            # a task and the scheduler is paid again on each yield and resume.
+            stream, handler, args = job
+            try:
+                await handler(stream, *args)
+            except (StreamGone, OSError, TimeoutError, trio.ClosedResourceError) as exc:
+                log.debug("%s: stream %d: %s", self.proxy.listener.name, stream.id, exc)
+            except Exception:  # a bug must cost one stream, not the worker
+                log.exception("%s: stream %d failed", self.proxy.listener.name, stream.id)
+            finally:
+                self._stream_done(stream)
             idle.append(task)
             job = await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def _run_stream(self, stream: _Stream, handler: Any, args: tuple[Any, ...]) -> None:
-        try:
-            await handler(stream, *args)
-        except (StreamGone, OSError, TimeoutError, trio.ClosedResourceError) as exc:
-            log.debug("%s: stream %d: %s", self.proxy.listener.name, stream.id, exc)
-        except Exception:  # a bug must cost one stream, not the worker
-            log.exception("%s: stream %d failed", self.proxy.listener.name, stream.id)
-        finally:
-            del self.streams[stream.id]
-            self._window_opened(stream.id)
-            self._close_stream(stream)
-            if not self.streams:
-                self._idle_since = trio.current_time()
-                self._wake_reader()  # to time the idle connection, or to close a drained one
+    def _stream_done(self, stream: _Stream) -> None:
+        del self.streams[stream.id]
+        self._window_opened(stream.id)
+        self._close_stream(stream)
+        if not self.streams:
+            self._idle_since = trio.current_time()
+            self._wake_reader()  # to time the idle connection, or to close a drained one
 
     def _close_stream(self, stream: _Stream) -> None:
         """After the handler: give back the connection window of body bytes nobody read,
@@ -862,23 +865,26 @@ class H2ServerConnection:
             raise StreamGone("reset by the client")
         stream.upstream_fd = up.fd
         try:
-            return await self._h1_exchange_on(stream, up, head, chunked, streaming, reused, deadline, outcome)
+            try:
+                sent = send_from(up.fd, head, 0)
+                if sent != len(head):
+                    await _send_all(up.fd, head, max(sent, 0), self.limits.stream_idle_timeout)
+            except OSError as exc:
+                raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
+            sent_at = monotonic()
+            if not streaming:
+                # The reply cannot be here yet: yield once (from this frame, not a deeper
+                # one), then try, then wait.
+                await yield_now()
+                response = await self._h1_response_head(stream, up, reused, deadline, yielded=True)
+                outcome.upstream_time = monotonic() - sent_at
+                return await self._h1_forward_response(stream, up, response, outcome)
+            return await self._h1_streaming_exchange(stream, up, chunked, deadline, sent_at, outcome)
         finally:
             stream.upstream_fd = -1
 
-    async def _h1_exchange_on(self, stream: _Stream, up: UpstreamConn, head: bytes, chunked: bool,
-                              streaming: bool, reused: bool, deadline: float, outcome: _Outcome) -> bool:
-        try:
-            sent = send_from(up.fd, head, 0)
-            if sent != len(head):
-                await _send_all(up.fd, head, max(sent, 0), self.limits.stream_idle_timeout)
-        except OSError as exc:
-            raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
-        sent_at = monotonic()
-        if not streaming:
-            response = await self._h1_response_head(stream, up, reused, deadline)
-            outcome.upstream_time = monotonic() - sent_at
-            return await self._h1_forward_response(stream, up, response, outcome)
+    async def _h1_streaming_exchange(self, stream: _Stream, up: UpstreamConn, chunked: bool, deadline: float,
+                                     sent_at: float, outcome: _Outcome) -> bool:
         # The body streams in a second task while this one waits for the response.
         body_done = [False]
         failure: BaseException | None = None
@@ -915,13 +921,14 @@ class H2ServerConnection:
             log.debug("%s: request body to upstream: %s", self.proxy.listener.name, exc)
 
     async def _h1_response_head(self, stream: _Stream, up: UpstreamConn, reused: bool,
-                                deadline: float) -> ResponseHead:
+                                deadline: float, yielded: bool = False) -> ResponseHead:
         buf = up.buffer
         limits = self.proxy.limits
         method = stream.request.method
         got_any = False
-        # The reply cannot be here yet: yield once, then try, then wait.
-        await yield_now()
+        if not yielded:
+            # The reply cannot be here yet: yield once, then try, then wait.
+            await yield_now()
         while True:
             if len(buf):
                 got_any = True

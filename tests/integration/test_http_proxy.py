@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.upstream.pool import MAX_IDLE_PER_ENDPOINT
+
 from .http_support import (
     Origin,
     Origins,
@@ -1363,11 +1365,12 @@ def test_endpoint_that_never_accepts_is_skipped_after_connect_timeout(meshproxy,
 
 
 def test_idle_upstream_connections_are_bounded(meshproxy, origins):
-    """200 requests at once need 200 upstream connections; afterwards the pool keeps at
-    most its bound (128 per endpoint) and closes the rest."""
+    """More requests at once than the pool keeps idle need as many upstream connections;
+    afterwards the pool keeps at most its bound per endpoint and closes the rest."""
+    count = MAX_IDLE_PER_ENDPOINT + 88
     origin = origins(timeout=10).on("/hold", delay(0.4))
     proxy = meshproxy(simple_config(origin))
-    clients = [RawClient(proxy.address(), timeout=10) for _ in range(200)]
+    clients = [RawClient(proxy.address(), timeout=10) for _ in range(count)]
     try:
         for client in clients:
             client.request("GET", "/hold")
@@ -1376,8 +1379,8 @@ def test_idle_upstream_connections_are_bounded(meshproxy, origins):
     finally:
         for client in clients:
             client.close()
-    assert origin.accepted == 200
-    wait_for(lambda: sum(not c.closed.is_set() for c in origin.connections) <= 128,
+    assert origin.accepted == count
+    wait_for(lambda: sum(not c.closed.is_set() for c in origin.connections) <= MAX_IDLE_PER_ENDPOINT,
              timeout=5, what="the pool to close connections beyond its bound")
 
 
