@@ -280,3 +280,43 @@ cdef inline Py_ssize_t _put(char* o, Py_ssize_t pos, bytes data):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     memcpy(o + pos, PyBytes_AS_STRING(data), n)
     return pos + n
+
+
+# Response fields that do not cross into HTTP/2 (RFC 9113 §8.2.2).
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"})
+cdef dict _STATUS = {}  # b"200" and the like, made once
+
+
+def h2_response_headers(int status, list fields, extra=()):
+    """An HTTP/1.1 response's status and fields as an HTTP/2 header list: names lowercased,
+    hop-by-hop fields and the ones its Connection field names dropped, `extra` appended."""
+    cdef object code = _STATUS.get(status)
+    if code is None:
+        code = _STATUS[status] = b"%d" % status
+    cdef list out = [(b":status", code)]
+    cdef object drop = HOP_BY_HOP
+    cdef tuple field
+    cdef bytes name, lower
+    for field in fields:
+        name = field[0]
+        if PyBytes_GET_SIZE(name) == 10 and name.lower() == b"connection":
+            drop = drop | {option.strip().lower() for option in (<bytes>field[1]).split(b",")}
+    for field in fields:
+        name = field[0]
+        lower = name.lower() if _has_upper(name) else name
+        if lower in drop or (PyBytes_GET_SIZE(lower) and PyBytes_AS_STRING(lower)[0] == b":"):
+            continue
+        out.append(field if lower is name else (lower, field[1]))
+    if extra:
+        out.extend(extra)
+    return out
+
+
+cdef inline bint _has_upper(bytes name):
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t i
+    for i in range(PyBytes_GET_SIZE(name)):
+        if _UPPER[p[i]]:
+            return True
+    return False

@@ -1,3 +1,5 @@
+from collections.abc import Iterable
+
 PROTOCOL_ERROR: int
 FIELD_OVERHEAD: int
 CONNECTION_SPECIFIC: frozenset[bytes]
@@ -30,3 +32,8 @@ def check_value(name: bytes, value: bytes) -> str | None: ...
 def parse_request(headers: list[tuple[bytes, bytes]], max_list_size: int = 61440,
                   max_fields: int = 100) -> H2Request: ...
 def h1_request_head(request: H2Request, extra: bytes, framing: bytes) -> bytes: ...
+
+HOP_BY_HOP: frozenset[bytes]
+
+def h2_response_headers(status: int, fields: list[tuple[bytes, bytes]],
+                        extra: Iterable[tuple[bytes, bytes]] = ()) -> list[tuple[bytes, bytes]]: ...

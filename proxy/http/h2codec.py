@@ -9,8 +9,8 @@ rest of what meshproxy does around them, all pure (bytes and values in, values o
   with "PRI *", so an HTTP/1 client is told apart on its first bytes and never stalls).
 - `parse_trailers`: a request's trailer section checked like its fields.
 - `h2_request_headers`: a request as sent to an HTTP/2 upstream.
-- `h2_response_headers` / `h2_trailers`: an HTTP/1.1 response head (or a chunked body's
-  trailer section) as HTTP/2 fields, hop-by-hop fields removed.
+- `h2_trailers`: a chunked body's trailer section as HTTP/2 trailers (the head's
+  counterpart, `h2_response_headers`, is in `_core.h2msg`).
 - `TrailerDecoder`: the data and the trailer fields out of a chunked body whose framing
   `ChunkedScanner` checked.
 - gRPC: `parse_grpc_timeout`, `grpc_status_for`, `grpc_error_headers` (a trailers-only
@@ -32,6 +32,7 @@ from .._core.h2msg import (
     H2Request,
     MalformedRequest,
     check_field,
+    h2_response_headers,
 )
 from .._core.http1 import Limits, parse_response
 from .local_reply import local_reply
@@ -131,33 +132,10 @@ def h2_request_headers(request: H2Request, extra: list[tuple[bytes, bytes]],
     return out
 
 
-# Response fields that do not cross into HTTP/2 (RFC 9113 §8.2.2).
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                         b"transfer-encoding", b"upgrade"})
-
-
-def _without_hop_by_hop(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    drop = set(_HOP_BY_HOP)
-    for name, value in fields:
-        if name.lower() == b"connection":
-            drop.update(option.strip().lower() for option in value.split(b","))
-    out = []
-    for name, value in fields:
-        lower = name.lower()
-        if lower not in drop and lower[:1] != b":":
-            out.append((lower, value))
-    return out
-
-
-def h2_response_headers(status: int, fields: list[tuple[bytes, bytes]],
-                        extra: list[tuple[bytes, bytes]] = ()) -> list[tuple[bytes, bytes]]:
-    """An HTTP/1.1 response's status and fields as an HTTP/2 header list."""
-    return [(b":status", b"%d" % status), *_without_hop_by_hop(fields), *extra]
-
-
 def h2_trailers(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """A chunked body's trailer fields as HTTP/2 trailers (framing fields dropped)."""
-    return [(n, v) for n, v in _without_hop_by_hop(fields) if n != b"content-length"]
+    """A chunked body's trailer fields as HTTP/2 trailers (hop-by-hop and framing fields
+    dropped, as `h2_response_headers` drops them from a head)."""
+    return [(n, v) for n, v in h2_response_headers(200, fields)[1:] if n != b"content-length"]
 
 
 def h2_response_from_upstream(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:

@@ -969,6 +969,21 @@ class H2ServerConnection:
             outcome.status = response.status
             self._send_headers(stream, headers, True)
             return response.keep_alive
+        if kind == BODY_LENGTH and len(buf) >= response.content_length:
+            # The whole response is here: its frames go out together, as far as the
+            # client's window lets the body.
+            outcome.status = response.status
+            body = buf.take(response.content_length)
+            try:
+                self.conn.send_headers(stream.id, headers, False)
+                stream.responded = True
+                sent = self.conn.send_data(stream.id, body, True)
+            except StreamClosed as exc:
+                raise StreamGone(str(exc)) from exc
+            self._flush()
+            if sent < len(body):
+                await self._send_data(stream, body[sent:], True)
+            return response.keep_alive
         if kind == BODY_CHUNKED:
             # The first bytes are checked before anything goes out: bad framing is still a 502.
             scanner = ChunkedScanner(self.proxy.limits, response=True)
