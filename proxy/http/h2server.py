@@ -4,11 +4,16 @@ worker tasks for its streams.
 `Http1Proxy.serve` hands a connection here when its first bytes are the HTTP/2 preface
 (`h2codec.is_h2_preface`). The connection's reader feeds the client's bytes to the
 protocol state (`_core.h2conn.H2Conn`: frames, HPACK, stream states, flow control and the
-flood watch, in C) and dispatches the events it returns. Each request is served by a
-worker task of the connection, taking the same path as an HTTP/1 request — route → route
-policies → cluster (circuit breaker, pick) → endpoint → upstream — with the listener's
-`Http1Proxy` for the route table, clusters and stats of the config version in effect when
-the stream starts. A worker that finishes its stream waits for the next one: a stream
+flood watch, in C) and dispatches the events it returns. Each request takes
+the same path as an HTTP/1 request — route → route policies → cluster (circuit breaker,
+pick) → endpoint → upstream — with the listener's `Http1Proxy` for the route table,
+clusters and stats of the config version in effect when the stream starts.
+
+The common request (no body, an HTTP/1 cluster, no route policies, an idle pooled
+connection) is sent upstream by the reader itself as it reads the client's frames; after
+one yield for the whole batch the reader reads the answers, and sends each one that is
+whole at once. Everything else, and the answers that are not in yet, go to a worker task
+of the connection; a worker that finishes its stream waits for the next one, so a stream
 costs a wake-up, not a task.
 
 What the state queues for the client (responses, acknowledgements, window updates) is
@@ -76,7 +81,7 @@ from ..net.sched import yield_now
 from ..policy.authz import decide_request
 from ..policy.retry import IDEMPOTENT
 from ..telemetry import UNROUTED, EndpointStats, record_request
-from ..upstream import UpstreamCluster, UpstreamConn
+from ..upstream import EndpointPool, UpstreamCluster, UpstreamConn
 from ..upstream.h2pool import H2ClientStream, H2StreamError, H2Upstreams
 from .h2codec import (
     INTERNAL_ERROR,
@@ -196,6 +201,38 @@ class _Stream:
         self.wake: trio.Event | None = None  # set while the worker waits for more of the body
 
 
+class _Decided:
+    """Where a stream goes: its route and cluster, and what its upstream request carries."""
+
+    __slots__ = ("cluster", "extra_id", "forwarded_for", "request_id", "route", "route_stats", "started")
+
+    def __init__(self, route: Any, cluster: UpstreamCluster, route_stats: Any, started: float, request_id: bytes,
+                 extra_id: bool, forwarded_for: bytes) -> None:
+        self.route = route
+        self.cluster = cluster
+        self.route_stats = route_stats
+        self.started = started
+        self.request_id = request_id
+        self.extra_id = extra_id  # the request id is ours: it goes upstream as a field
+        self.forwarded_for = forwarded_for
+
+
+class _Sent:
+    """A plain request the reader already sent on a pooled connection (`_send_plain`)."""
+
+    __slots__ = ("decided", "head", "offset", "pool", "sent_at", "stream", "up")
+
+    def __init__(self, stream: _Stream, decided: _Decided, pool: EndpointPool, up: UpstreamConn, head: bytes,
+                 offset: int, sent_at: float) -> None:
+        self.stream = stream
+        self.decided = decided
+        self.pool = pool
+        self.up = up
+        self.head = head
+        self.offset = offset  # bytes of `head` written
+        self.sent_at = sent_at
+
+
 class _Outcome:
     """How a stream's exchange ended, for telemetry."""
 
@@ -230,6 +267,7 @@ class H2ServerConnection:
         self.conn = H2Conn(limits, len(PREFACE))
         self.out = self.conn.out  # what the writer sends; the state appends to it
         self.streams: dict[int, _Stream] = {}
+        self.sent: list[_Sent] = []  # plain requests sent upstream by the reader, answers not yet read
         self.goaway_last: int | None = None  # set once a GOAWAY went out: newer streams are refused
         self.peer_done = False  # the client sent GOAWAY: it opens no more streams
         self.closed_reason: str | None = None
@@ -264,6 +302,8 @@ class H2ServerConnection:
                     await self._read_loop(already_read)
                 except Exception:  # a bug must cost one connection, not the worker
                     log.exception("%s: HTTP/2 connection failed", self.proxy.listener.name)
+                finally:
+                    self._drop_sent()
                 await self._drain_output(1.0)
                 nursery.cancel_scope.cancel()
         finally:
@@ -302,6 +342,8 @@ class H2ServerConnection:
                 if not self._receive(data):
                     return
                 data = b""
+                if self.sent:
+                    await self._collect()
             if (self.goaway_last is not None or self.peer_done) and not self.streams:
                 return
             if len(self.out) > limits.outbound_cap:
@@ -452,7 +494,144 @@ class H2ServerConnection:
             conn.note_reset(now)
             conn.reset(stream_id, PROTOCOL_ERROR)
             return
-        self._start(_Stream(stream_id, request, ended), self._serve_stream)
+        stream = _Stream(stream_id, request, ended)
+        if not (ended and self._send_plain(stream)):
+            self._start(stream, self._serve_stream)
+
+    # -- plain requests, answered by the reader -------------------------------------------
+    def _send_plain(self, stream: _Stream) -> bool:
+        """A request without a body, to an HTTP/1 cluster with no route policies and an idle
+        pooled connection: sent upstream right here by the reader, which reads the answers
+        of all it sent in one pass after a yield (`_collect`). A stream costs no wake-up
+        and no task then. False (nothing done) for anything else: a worker serves it."""
+        proxy = self.proxy
+        request = stream.request
+        if request.grpc or stream.received:
+            return False
+        client = self.client
+        if proxy.authz is not None and not decide_request(
+                proxy.authz, client.identity if client is not None else None, request.method,
+                request.route_path or b"/"):
+            return False
+        routes = proxy.routes
+        route = routes.match(request.method, request.authority, request.route_path, request.get)
+        if route is None or route.name in proxy.policies:
+            return False
+        cluster = proxy.clusters[route.cluster or routes.pick_cluster(route, random.random())]
+        if cluster.http2 or cluster.load_aware:
+            return False
+        circuit = cluster.circuit
+        if circuit is not None and not circuit.try_acquire(REQUESTS):
+            return False
+        try:
+            pool = cluster.pick((), None)
+        except (CircuitOpenError, NoHealthyUpstreamError):
+            pool = None
+        up = pool.take_idle() if pool is not None else None
+        if up is None:
+            if circuit is not None:
+                circuit.release(REQUESTS)
+            return False
+        request_id = request.get(b"x-request-id")
+        extra_id = request_id is None
+        if request_id is None:
+            request_id = self.request_ids.next()
+        decided = _Decided(route, cluster, proxy.route_stats[route.name], monotonic(), request_id, extra_id,
+                           self._forwarded_for(request))
+        framing = b"" if request.content_length < 0 and request.method in _BODYLESS else b"content-length: 0\r\n"
+        head = h1_request_head(request, self._extra_fields(decided), framing)
+        try:
+            offset = send_from(up.fd, head, 0)
+        except OSError:
+            pool.discard(up)  # stale: nothing went out, a worker starts over
+            offset = -1
+        else:
+            if offset < 0:
+                pool.give_back(up)  # took nothing (its buffer is full): a worker starts over
+        if offset < 0:
+            if circuit is not None:
+                circuit.release(REQUESTS)
+            return False
+        self.streams[stream.id] = stream
+        self.sent.append(_Sent(stream, decided, pool, up, head, offset, monotonic()))
+        return True
+
+    async def _collect(self) -> None:
+        """Read the answers to what `_send_plain` sent, after one yield (they cannot be
+        here before): a whole one goes to its client at once; the rest go on in workers."""
+        await yield_now()
+        sent, self.sent = self.sent, []
+        for plain in sent:
+            if not self._answer_plain(plain):
+                self._start(plain.stream, self._resume_plain, plain)
+
+    def _answer_plain(self, plain: _Sent) -> bool:
+        """Answer a plain request whose whole response is already here (a head, and the
+        body the client's window takes at once); False to leave it to a worker."""
+        stream, up = plain.stream, plain.up
+        if stream.reset or plain.offset != len(plain.head):
+            return False
+        buf = up.buffer
+        try:
+            buf.recv(up.fd)
+        except OSError:
+            return False
+        if not len(buf):
+            return False
+        try:
+            response = parse_response(buf.data, buf.start, buf.end, self.proxy.limits, stream.request.method)
+        except ProtocolError:
+            return False
+        if response is None or response.status < 200:
+            return False
+        kind = response.body
+        length = response.content_length if kind == BODY_LENGTH else 0
+        if (kind != BODY_NONE and kind != BODY_LENGTH) or len(buf) - response.size < length:
+            return False
+        conn = self.conn
+        if length > conn.send_window(stream.id):
+            return False
+        buf.consume(response.size)
+        body = buf.take(length) if length else b""
+        headers = h2_response_headers(response.status, response.headers)
+        try:
+            conn.send_headers(stream.id, headers, not length)
+            if length:
+                conn.send_data(stream.id, body, True)
+        except StreamClosed:
+            pass  # reset meanwhile: the response was read whole, the connection is fine
+        stream.responded = True
+        decided = plain.decided
+        cluster, pool = decided.cluster, plain.pool
+        now = monotonic()
+        if cluster.outlier is not None:
+            cluster.record_outcome(pool, response.status, None)
+        if response.keep_alive:
+            pool.give_back(up)
+        else:
+            pool.discard(up)
+        if cluster.circuit is not None:
+            cluster.circuit.release(REQUESTS)
+        record_request(decided.route_stats, cluster.stats, pool.stats, response.status, None, now - decided.started,
+                       now - plain.sent_at)
+        self._stream_done(stream)
+        return True
+
+    def _drop_sent(self) -> None:
+        """The connection ends with plain requests in flight: their exchanges end here."""
+        sent, self.sent = self.sent, []
+        for plain in sent:
+            plain.pool.discard(plain.up)
+            cluster = plain.decided.cluster
+            if cluster.circuit is not None:
+                cluster.circuit.release(REQUESTS)
+            record_request(plain.decided.route_stats, cluster.stats, plain.pool.stats, 0, None,
+                           monotonic() - plain.decided.started, None)
+            self.streams.pop(plain.stream.id, None)
+
+    async def _resume_plain(self, stream: _Stream, plain: _Sent) -> None:
+        """A worker carries on with a plain request the reader could not answer at once."""
+        await self._proxy_stream(stream, plain.decided, plain)
 
     # -- the workers -----------------------------------------------------------------------
     def _start(self, stream: _Stream, handler: Any, *args: Any) -> None:
@@ -649,14 +828,26 @@ class H2ServerConnection:
             record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
             await self._local_reply(stream, 503, "circuit_open", request_id)
             return
-        outcome = _Outcome()
         extra_id = request_id is None
         if request_id is None:
             request_id = self.request_ids.next()
-        forwarded_for = self.peer
-        if request.get(b"x-forwarded-for") is not None:
-            forwarded_for = b", ".join(request.get_all(b"x-forwarded-for")) + b", " + self.peer
-        timeout = route.timeout or self.route_timeout
+        await self._proxy_stream(stream, _Decided(route, cluster, route_stats, started, request_id, extra_id,
+                                                  self._forwarded_for(request)))
+
+    def _forwarded_for(self, request: H2Request) -> bytes:
+        if request.get(b"x-forwarded-for") is None:
+            return self.peer
+        return b", ".join(request.get_all(b"x-forwarded-for")) + b", " + self.peer
+
+    async def _proxy_stream(self, stream: _Stream, decided: _Decided, sent: _Sent | None = None) -> None:
+        """Forward a routed stream (its circuit breaker slot taken) and count how it ended.
+        `sent`: the request already went out on a pooled connection (`_send_plain`)."""
+        request = stream.request
+        cluster = decided.cluster
+        circuit = cluster.circuit
+        request_id = decided.request_id
+        outcome = _Outcome()
+        timeout = decided.route.timeout or self.route_timeout
         call_deadline = float("inf")
         if request.grpc:
             grpc_timeout = parse_grpc_timeout(request.get(b"grpc-timeout"))
@@ -664,10 +855,10 @@ class H2ServerConnection:
                 call_deadline = trio.current_time() + grpc_timeout
         try:
             if call_deadline == float("inf"):
-                await self._forward(stream, cluster, timeout, outcome, request_id, extra_id, forwarded_for)
+                await self._forward(stream, decided, timeout, outcome, sent)
             else:
                 with trio.move_on_at(call_deadline) as call:
-                    await self._forward(stream, cluster, timeout, outcome, request_id, extra_id, forwarded_for)
+                    await self._forward(stream, decided, timeout, outcome, sent)
                 if call.cancelled_caught:
                     outcome.status, outcome.error = 504, "upstream_timeout"
                     await self._local_reply(stream, 504, "upstream_timeout", request_id)
@@ -676,14 +867,16 @@ class H2ServerConnection:
                 outcome.endpoint.active -= 1
             if circuit is not None:
                 circuit.release(REQUESTS)
-            record_request(route_stats, cluster.stats, outcome.endpoint, outcome.status, outcome.error,
-                           monotonic() - started, outcome.upstream_time)
+            record_request(decided.route_stats, cluster.stats, outcome.endpoint, outcome.status, outcome.error,
+                           monotonic() - decided.started, outcome.upstream_time)
 
-    async def _forward(self, stream: _Stream, cluster: UpstreamCluster, timeout: float, outcome: _Outcome,
-                       request_id: bytes, extra_id: bool, forwarded_for: bytes) -> None:
+    async def _forward(self, stream: _Stream, decided: _Decided, timeout: float, outcome: _Outcome,
+                       sent: _Sent | None) -> None:
         """Send the request to `cluster` in its protocol and the response back; a failure
         before any response went out is answered locally."""
         request = stream.request
+        cluster, request_id, extra_id, forwarded_for = (decided.cluster, decided.request_id, decided.extra_id,
+                                                        decided.forwarded_for)
         try:
             client = self.client
             if cluster.http2:
@@ -696,17 +889,22 @@ class H2ServerConnection:
                 await self._forward_h2(stream, cluster, h2_request_headers(request, extra), timeout, outcome,
                                        request_id)
             else:
-                fields = [b"x-forwarded-for: ", forwarded_for,
-                          b"\r\nx-forwarded-proto: http\r\n" if client is None else
-                          b"\r\nx-forwarded-proto: https\r\nx-forwarded-client-cert: " + client.xfcc + b"\r\n"]
-                if extra_id:
-                    fields += [b"x-request-id: ", request_id, b"\r\n"]
-                await self._forward_h1(stream, cluster, b"".join(fields), timeout, outcome)
+                await self._forward_h1(stream, cluster, self._extra_fields(decided), timeout, outcome, sent)
         except _UpstreamFailed as exc:
             outcome.status, outcome.error = exc.status, exc.code
             log.info("%s: %s %s -> %d %s (HTTP/2)", self.proxy.listener.name, request.method.decode("latin-1"),
                      request.path[:200].decode("latin-1"), exc.status, exc.code)
             await self._local_reply(stream, exc.status, exc.code, request_id)
+
+    def _extra_fields(self, decided: _Decided) -> bytes:
+        """The field lines the proxy adds to a request to an HTTP/1 upstream."""
+        client = self.client
+        fields = [b"x-forwarded-for: ", decided.forwarded_for,
+                  b"\r\nx-forwarded-proto: http\r\n" if client is None else
+                  b"\r\nx-forwarded-proto: https\r\nx-forwarded-client-cert: " + client.xfcc + b"\r\n"]
+        if decided.extra_id:
+            fields += [b"x-request-id: ", decided.request_id, b"\r\n"]
+        return b"".join(fields)
 
     async def _local_reply(self, stream: _Stream, status: int, code: str, request_id: bytes | None) -> None:
         """A proxy-made answer: a gRPC status for gRPC requests, otherwise the same reply as
@@ -781,7 +979,7 @@ class H2ServerConnection:
 
     # -- HTTP/1.1 upstream -----------------------------------------------------------------
     async def _forward_h1(self, stream: _Stream, cluster: UpstreamCluster, extra: bytes, timeout: float,
-                          outcome: _Outcome) -> None:
+                          outcome: _Outcome, sent: _Sent | None = None) -> None:
         request = stream.request
         # Framing: a body that is here whole goes with the head under its length.
         whole = stream.ended
@@ -802,7 +1000,7 @@ class H2ServerConnection:
         else:
             framing = b"transfer-encoding: chunked\r\n"
             chunked = True
-        head = h1_request_head(request, extra, framing) + body
+        head = h1_request_head(request, extra, framing) + body if sent is None else sent.head
         replayable = whole and request.method in IDEMPOTENT
         deadline = trio.current_time() + timeout
         tried: list[int] = []
@@ -810,12 +1008,15 @@ class H2ServerConnection:
         fresh_only = False
         retried = False
         while True:
-            try:
-                pool = cluster.pick(tried, None)
-            except (CircuitOpenError, NoHealthyUpstreamError) as exc:
-                raise _UpstreamFailed(exc.status, exc.code) from exc
-            up = None if fresh_only else pool.take_idle()
-            reused = up is not None
+            if sent is not None:
+                pool, up, reused = sent.pool, sent.up, True
+            else:
+                try:
+                    pool = cluster.pick(tried, None)
+                except (CircuitOpenError, NoHealthyUpstreamError) as exc:
+                    raise _UpstreamFailed(exc.status, exc.code) from exc
+                up = None if fresh_only else pool.take_idle()
+                reused = up is not None
             if up is None:
                 try:
                     with trio.move_on_at(deadline):
@@ -837,8 +1038,11 @@ class H2ServerConnection:
                 outcome.endpoint = pool.stats
                 pool.stats.active += 1
             try:
-                keep = await self._h1_exchange(stream, up, head, chunked, not whole, reused, deadline, outcome)
+                keep = await self._h1_exchange(stream, up, head, chunked, not whole, reused, deadline, outcome,
+                                               sent)
+                sent = None
             except _UpstreamFailed as exc:
+                sent = None
                 pool.discard(up)
                 if exc.retriable and replayable and not retried:
                     retried = True
@@ -848,6 +1052,7 @@ class H2ServerConnection:
                 cluster.record_outcome(pool, 0, exc.code)
                 raise
             except BaseException:
+                sent = None
                 pool.discard(up)
                 raise
             if cluster.outlier is not None:
@@ -859,23 +1064,25 @@ class H2ServerConnection:
             return
 
     async def _h1_exchange(self, stream: _Stream, up: UpstreamConn, head: bytes, chunked: bool, streaming: bool,
-                           reused: bool, deadline: float, outcome: _Outcome) -> bool:
-        """Send the request, forward the response; True when `up` may be reused."""
+                           reused: bool, deadline: float, outcome: _Outcome, already: _Sent | None = None) -> bool:
+        """Send the request (the rest of it, when `already` sent), forward the response;
+        True when `up` may be reused."""
         if stream.reset:
             raise StreamGone("reset by the client")
         stream.upstream_fd = up.fd
         try:
             try:
-                sent = send_from(up.fd, head, 0)
+                sent = send_from(up.fd, head, 0) if already is None else already.offset
                 if sent != len(head):
                     await _send_all(up.fd, head, max(sent, 0), self.limits.stream_idle_timeout)
             except OSError as exc:
                 raise _UpstreamFailed(502, "upstream_reset", retriable=reused) from exc
-            sent_at = monotonic()
+            sent_at = monotonic() if already is None else already.sent_at
             if not streaming:
                 # The reply cannot be here yet: yield once (from this frame, not a deeper
                 # one), then try, then wait.
-                await yield_now()
+                if already is None:
+                    await yield_now()
                 response = await self._h1_response_head(stream, up, reused, deadline, yielded=True)
                 outcome.upstream_time = monotonic() - sent_at
                 return await self._h1_forward_response(stream, up, response, outcome)

@@ -408,3 +408,28 @@ def test_http1_client_to_a_resetting_h2_upstream_gets_502(h2_origin, proxies):
     finally:
         sock.close()
     assert data.startswith(b"HTTP/1.1 502 ") and b"x-meshproxy-error: upstream_reset" in data
+
+
+@pytest.mark.skipif(H2LOAD is None, reason="h2load (nghttp2-client) not installed")
+def test_every_slot_and_connection_comes_back_under_load(origin, proxies):
+    """Answered at once by the reader or carried on by a worker (a slow answer), every
+    stream gives back its circuit breaker slot and its upstream connection."""
+    origin.on("/small", respond(200, b"x" * 100))
+    origin.on("/late", delay(0.05, respond(200, b"late")))
+    config = http_config([route("api", "up", prefix="/")],
+                         [cluster("up", [origin], circuit_breaker={"max_requests": 100000})])
+    proxy = proxies(config)
+    result = subprocess.run([H2LOAD, "-n", "3000", "-c", "4", "-m", "10", f"{proxy.url}/small", f"{proxy.url}/late"],
+                            capture_output=True, timeout=60, text=True, check=False)
+    assert result.returncode == 0 and "3000 succeeded, 0 failed" in result.stdout, result.stdout
+    up = proxy.proxy.clusters["up"]
+
+    def settled() -> bool:
+        pool = up.pools[0]
+        # Connections stay in use while pooled; requests, pending connects and retries do not.
+        return up.circuit.in_use[1:] == [0, 0, 0] and pool.active == 0 and pool.stats.active == 0
+
+    deadline = time.monotonic() + 5
+    while not proxy.call(settled) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.call(settled), (up.circuit.in_use, up.pools[0].active, up.pools[0].stats.active)
