@@ -270,7 +270,8 @@ class H2ServerConnection:
         self.sent: list[_Sent] = []  # plain requests sent upstream by the reader, answers not yet read
         self.goaway_last: int | None = None  # set once a GOAWAY went out: newer streams are refused
         self.peer_done = False  # the client sent GOAWAY: it opens no more streams
-        self.closed_reason: str | None = None
+        self.closed_reason: str | None = None  # why the client was cut off, for the log
+        self.cut_off_code: str | None = None  # ... and for metrics
         self.broken: str | None = None  # why the connection can no longer be written to
         self._nursery: trio.Nursery | None = None
         self._read_wait: trio.CancelScope | None = None
@@ -288,6 +289,7 @@ class H2ServerConnection:
         if live is None:
             live = _live[self.proxy] = set()
         live.add(self)
+        self.proxy.stats.h2_connections += 1
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -308,6 +310,9 @@ class H2ServerConnection:
                 nursery.cancel_scope.cancel()
         finally:
             live.discard(self)
+            if self.cut_off_code is not None:
+                counts = self.proxy.stats.h2_cut_off
+                counts[self.cut_off_code] = counts.get(self.cut_off_code, 0) + 1
             if self.closed_reason is not None:
                 log.info("%s: HTTP/2 client %s cut off: %s", self.proxy.listener.name,
                          self.peer.decode("latin-1"), self.closed_reason)
@@ -326,7 +331,7 @@ class H2ServerConnection:
 
     def _cut_off(self, error_code: int, reason: str) -> None:
         """End the connection at once: GOAWAY with `error_code`."""
-        self.closed_reason = reason
+        self.closed_reason = self.cut_off_code = reason
         if self.goaway_last is None:
             self.goaway_last = self.conn.highest
         self.conn.goaway(self.conn.highest, error_code, reason.encode()[:128])
@@ -415,6 +420,7 @@ class H2ServerConnection:
                     ok = False
         if conn.error is not None:
             self.closed_reason = conn.violation or f"protocol error: {conn.error[1]}"
+            self.cut_off_code = conn.violation or "protocol_error"
             ok = False
         self._flush()
         return ok
@@ -457,6 +463,7 @@ class H2ServerConnection:
 
     def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool, now: float) -> None:
         conn = self.conn
+        self.proxy.stats.h2_streams += 1
         if self.goaway_last is not None and stream_id > self.goaway_last:
             conn.reset(stream_id, REFUSED_STREAM)
             return

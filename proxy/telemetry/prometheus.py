@@ -17,6 +17,9 @@ Families, all prefixed `meshproxy_`:
   `upstream_connect_failures_total`, `upstream_retries_total`, `upstream_duration_seconds`
   (histogram, request sent to response head), and per endpoint
   `upstream_endpoint_requests_total`, `_errors_total`, `upstream_endpoint_requests_active`;
+- HTTP/2, per http listener: `downstream_http2_connections_total`, `downstream_http2_streams_total`,
+  `downstream_http2_cut_off_total{reason}` (clients whose connection ended for a flood, by its name,
+  or for a protocol error);
 - mTLS and authorization, per listener: `downstream_tls_handshakes_total{result="ok|failed"}`,
   `authz_decisions_total{decision="allow|deny"}`;
 - identity (with `identity` configured): `identity_cert_expiry_seconds` (unix time),
@@ -165,7 +168,19 @@ class _SnapshotCollector(Collector):
         decisions = CounterMetricFamily("meshproxy_authz_decisions", "Policy decisions: tcp "
                                         "connections or http requests allowed or denied.",
                                         labels=["listener", "decision"])
+        h2_connections = CounterMetricFamily("meshproxy_downstream_http2_connections", "Connections that "
+                                             "spoke HTTP/2.", labels=labels)
+        h2_streams = CounterMetricFamily("meshproxy_downstream_http2_streams", "HTTP/2 streams (requests) "
+                                         "clients opened.", labels=labels)
+        h2_cut_off = CounterMetricFamily("meshproxy_downstream_http2_cut_off", "HTTP/2 clients whose "
+                                         "connection was ended: a flood (by its name) or a protocol error.",
+                                         labels=["listener", "reason"])
         for name, listener in self.snapshot.listeners.items():
+            if listener.protocol == "http":
+                h2_connections.add_metric([name], listener.h2_connections)
+                h2_streams.add_metric([name], listener.h2_streams)
+                for reason, n in sorted(listener.h2_cut_off.items()):
+                    h2_cut_off.add_metric([name, reason], n)
             accepted.add_metric([name], listener.accepted)
             active.add_metric([name], listener.active)
             rejected.add_metric([name], listener.rejected)
@@ -179,7 +194,8 @@ class _SnapshotCollector(Collector):
             handshakes.add_metric([name, "failed"], listener.tls_failures)
             decisions.add_metric([name, "allow"], listener.authz_allowed)
             decisions.add_metric([name, "deny"], listener.authz_denied)
-        yield from (accepted, active, rejected, transferred, failed, handshakes, decisions)
+        yield from (accepted, active, rejected, transferred, failed, handshakes, decisions, h2_connections,
+                    h2_streams, h2_cut_off)
 
     def _requests(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("meshproxy_requests", "Requests by listener, route and the "

@@ -39,8 +39,8 @@ class ListenerStats:
     handshakes that succeeded and failed; with a `policy`, its decisions."""
 
     __slots__ = ("accepted", "active", "authz_allowed", "authz_denied", "bytes_from_clients",
-                 "bytes_to_clients", "connect_failures", "idle_timeouts", "protocol", "rejected",
-                 "resets", "routes", "tls_failures", "tls_handshakes")
+                 "bytes_to_clients", "connect_failures", "h2_connections", "h2_cut_off", "h2_streams",
+                 "idle_timeouts", "protocol", "rejected", "resets", "routes", "tls_failures", "tls_handshakes")
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
@@ -56,6 +56,9 @@ class ListenerStats:
         self.tls_failures = 0  # handshakes refused: no or bad certificate, not TLS, timeout
         self.authz_allowed = 0  # policy decisions (connections on tcp, requests on http)
         self.authz_denied = 0
+        self.h2_connections = 0  # http: connections that spoke HTTP/2
+        self.h2_streams = 0  # ... and the streams (requests) they opened
+        self.h2_cut_off: dict[str, int] = {}  # HTTP/2 clients cut off, by why (a flood, protocol_error)
         self.routes: dict[str, RouteStats] = {}  # http: route name -> stats, UNROUTED included
 
 

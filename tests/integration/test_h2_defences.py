@@ -111,6 +111,7 @@ def test_rapid_reset_is_cut_off(site):
     assert opened <= 2000, f"{opened} streams before the cut"
     attacked = [r for r in origin.requests if r.path == "/"]
     assert len(attacked) < 500
+    assert proxy.stats.listeners["in"].h2_cut_off == {"rapid_reset": 1}  # counted for /metrics
 
 
 def test_malformed_request_resets_count_as_resets(site):

@@ -20,6 +20,8 @@ from proxy.config import ConfigError, parse_config
 from proxy.http.h2codec import PREFACE
 
 from .http_support import Origin, cluster, http_config, respond, route
+from .support import wait_for
+from .test_admin_metrics import samples
 
 H2LOAD = shutil.which("h2load")
 
@@ -44,6 +46,7 @@ def test_h2load_through_a_meshproxy_process(meshproxy):
     try:
         proxy = meshproxy(http_config([route("all", "up")], [cluster("up", [origin])]))
         _require_dispatch(proxy)
+        before = _h2_counts(proxy)
         host, port = proxy.address()
         result = subprocess.run([H2LOAD, "-n", "5000", "-c", "10", "-m", "10", f"http://{host}:{port}/small"],
                                 capture_output=True, text=True, timeout=60, check=False)
@@ -52,6 +55,16 @@ def test_h2load_through_a_meshproxy_process(meshproxy):
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"requests: 5000 total, 5000 started, 5000 done, 5000 succeeded, 0 failed", result.stdout), \
         result.stdout
+    # Counted per protocol: h2load's 10 connections and 5000 streams.
+    wait_for(lambda: _h2_counts(proxy) == (before[0] + 10, before[1] + 5000), timeout=10,
+             what="the HTTP/2 counters")
+
+
+def _h2_counts(proxy) -> tuple[float, float]:
+    found = samples(proxy)
+    listener = frozenset({"listener": "in"}.items())
+    return (found.get(("meshproxy_downstream_http2_connections_total", listener), 0.0),
+            found.get(("meshproxy_downstream_http2_streams_total", listener), 0.0))
 
 
 def test_grpc_through_two_meshproxy_processes(meshproxy):
