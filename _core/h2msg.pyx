@@ -233,10 +233,11 @@ def parse_request(list headers, Py_ssize_t max_list_size=61440, Py_ssize_t max_f
     return H2Request(method, scheme, authority, path, fields, content_length, grpc)
 
 
-def h1_request_head(H2Request request, bytes extra, bytes framing):
+def h1_request_head(H2Request request, bytes extra, bytes framing, tuple drop=()):
     """The HTTP/1.1 request head for `request`: request line, Host, its fields except the
-    ones the proxy replaces, `framing` ("content-length: N\\r\\n", "transfer-encoding:
-    chunked\\r\\n" or nothing), `extra` (ready field lines), the empty line."""
+    ones the proxy replaces and those named in `drop`, `framing` ("content-length: N\\r\\n",
+    "transfer-encoding: chunked\\r\\n" or nothing), `extra` (ready field lines), the empty
+    line."""
     cdef bytes authority = request.authority if request.authority is not None else b""
     cdef list fields = request.fields
     cdef Py_ssize_t total, i, n = PyList_GET_SIZE(fields), pos
@@ -250,7 +251,7 @@ def h1_request_head(H2Request request, bytes extra, bytes framing):
     for i in range(n):
         field = fields[i]
         name = field[0]
-        if name in REPLACED and not _is(name, "cookie", 6):
+        if name in REPLACED and not _is(name, "cookie", 6) or drop and name in drop:
             continue
         value = field[1]
         keep.append(field)

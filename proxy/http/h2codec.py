@@ -114,8 +114,9 @@ def parse_trailers(headers: list[tuple[bytes, bytes]], max_list_size: int = 6144
 
 
 def h2_request_headers(request: H2Request, extra: list[tuple[bytes, bytes]],
-                       scheme: bytes = b"http") -> list[tuple[bytes, bytes]]:
-    """`request` as the header list of an upstream HTTP/2 request."""
+                       scheme: bytes = b"http", drop: tuple[bytes, ...] = ()) -> list[tuple[bytes, bytes]]:
+    """`request` as the header list of an upstream HTTP/2 request, without the fields
+    named in `drop` (the client's trace context, when ours replaces it)."""
     out = [(b":method", request.method), (b":scheme", scheme), (b":path", request.path)]
     if request.authority is not None:
         out.append((b":authority", request.authority))
@@ -123,7 +124,7 @@ def h2_request_headers(request: H2Request, extra: list[tuple[bytes, bytes]],
         out.append((b"content-length", b"%d" % request.content_length))
     for field in request.fields:
         name = field[0]
-        if name in REPLACED and name != b"cookie":
+        if name in REPLACED and name != b"cookie" or name in drop:
             continue
         out.append(field)
     if request.grpc:

@@ -101,6 +101,7 @@ from .h2codec import (
     parse_trailers,
 )
 from .h2transport import StreamGone
+from .observe import Observer
 
 if TYPE_CHECKING:
     from ..net.tls_bridge import DownstreamPeer
@@ -179,8 +180,8 @@ class _UpstreamFailed(Exception):
 class _Stream:
     """One client stream: its request, the body as it arrives, what was answered."""
 
-    __slots__ = ("body", "body_sent", "buffered", "ended", "id", "received", "request", "reset", "responded",
-                 "scope", "trailers", "upstream_fd", "wake")
+    __slots__ = ("body", "body_sent", "buffered", "bytes_out", "ended", "id", "received", "request", "reset",
+                 "responded", "scope", "trailers", "upstream_fd", "wake")
 
     def __init__(self, stream_id: int, request: H2Request, ended: bool) -> None:
         self.id = stream_id
@@ -188,6 +189,7 @@ class _Stream:
         self.body: deque[bytes] = deque()
         self.buffered = 0  # body bytes received and not yet acknowledged
         self.received = 0  # body bytes received in all
+        self.bytes_out = 0  # response body bytes sent
         self.body_sent = False  # some of the body went upstream: the request cannot be replayed
         self.ended = ended  # the client sent END_STREAM
         self.trailers: list[tuple[bytes, bytes]] | None = None
@@ -201,13 +203,31 @@ class _Stream:
         self.wake: trio.Event | None = None  # set while the worker waits for more of the body
 
 
+class _Observed:
+    """An HTTP/2 request as the observer (access log, spans) reads an HTTP/1 head, with
+    its observation."""
+
+    __slots__ = ("get", "host", "method", "obs", "observer", "path", "target")
+    version = 20
+
+    def __init__(self, observer: Observer, request: H2Request) -> None:
+        self.get = request.get
+        self.host = request.authority
+        self.method = request.method
+        self.path = request.route_path
+        self.target = request.path
+        self.observer = observer
+        self.obs = observer.begin(self)  # type: ignore[arg-type]  # read like a RequestHead
+
+
 class _Decided:
     """Where a stream goes: its route and cluster, and what its upstream request carries."""
 
-    __slots__ = ("cluster", "extra_id", "forwarded_for", "request_id", "route", "route_stats", "started")
+    __slots__ = ("cluster", "extra_id", "forwarded_for", "observed", "request_id", "route", "route_stats",
+                 "started")
 
     def __init__(self, route: Any, cluster: UpstreamCluster, route_stats: Any, started: float, request_id: bytes,
-                 extra_id: bool, forwarded_for: bytes) -> None:
+                 extra_id: bool, forwarded_for: bytes, observed: _Observed | None = None) -> None:
         self.route = route
         self.cluster = cluster
         self.route_stats = route_stats
@@ -215,6 +235,7 @@ class _Decided:
         self.request_id = request_id
         self.extra_id = extra_id  # the request id is ours: it goes upstream as a field
         self.forwarded_for = forwarded_for
+        self.observed = observed
 
 
 class _Sent:
@@ -236,12 +257,13 @@ class _Sent:
 class _Outcome:
     """How a stream's exchange ended, for telemetry."""
 
-    __slots__ = ("endpoint", "error", "status", "upstream_time")
+    __slots__ = ("address", "endpoint", "error", "status", "upstream_time")
 
     def __init__(self) -> None:
         self.status = 0
         self.error: str | None = None
         self.endpoint: EndpointStats | None = None
+        self.address: str | None = None  # the endpoint's, for the access log
         self.upstream_time: float | None = None
 
 
@@ -513,7 +535,7 @@ class H2ServerConnection:
         and no task then. False (nothing done) for anything else: a worker serves it."""
         proxy = self.proxy
         request = stream.request
-        if request.grpc or stream.received:
+        if request.grpc or stream.received or proxy.observer is not None:
             return False
         client = self.client
         if proxy.authz is not None and not decide_request(
@@ -798,8 +820,10 @@ class H2ServerConnection:
 
     # -- one stream ------------------------------------------------------------------------
     async def _refuse_stream(self, stream: _Stream, status: int, code: str) -> None:
-        record_request(self.proxy.route_stats[UNROUTED], None, None, status, code, 0.0, None)
-        await self._local_reply(stream, status, code, None)
+        observer = self.proxy.observer
+        observed = _Observed(observer, stream.request) if observer is not None else None
+        await self._answer_locally(stream, observed, self.proxy.route_stats[UNROUTED], None, None, status, code,
+                                   monotonic(), None)
 
     async def _serve_stream(self, stream: _Stream) -> None:
         proxy = self.proxy
@@ -809,16 +833,18 @@ class H2ServerConnection:
         route_stats_all = proxy.route_stats
         request_id = request.get(b"x-request-id")
         client = self.client
+        # The observer this stream started with: a reload may replace or remove it meanwhile.
+        observed = _Observed(proxy.observer, request) if proxy.observer is not None else None
         if proxy.authz is not None and not decide_request(
                 proxy.authz, client.identity if client is not None else None, request.method,
                 request.route_path or b"/"):
-            record_request(route_stats_all[UNROUTED], None, None, 403, "forbidden", monotonic() - started, None)
-            await self._local_reply(stream, 403, "forbidden", request_id)
+            await self._answer_locally(stream, observed, route_stats_all[UNROUTED], None, None, 403, "forbidden",
+                                       started, request_id)
             return
         route = routes.match(request.method, request.authority, request.route_path, request.get)
         if route is None:
-            record_request(route_stats_all[UNROUTED], None, None, 404, "no_route", monotonic() - started, None)
-            await self._local_reply(stream, 404, "no_route", request_id)
+            await self._answer_locally(stream, observed, route_stats_all[UNROUTED], None, None, 404, "no_route",
+                                       started, request_id)
             return
         cluster = proxy.clusters[route.cluster or routes.pick_cluster(route, random.random())]
         route_stats = route_stats_all[route.name]
@@ -827,19 +853,44 @@ class H2ServerConnection:
             refusal = await proxy._admit(policies)
             if refusal is not None:
                 status, code = refusal
-                record_request(route_stats, cluster.stats, None, status, code, monotonic() - started, None)
-                await self._local_reply(stream, status, code, request_id)
+                await self._answer_locally(stream, observed, route_stats, route, cluster, status, code, started,
+                                           request_id)
                 return
         circuit = cluster.circuit
         if circuit is not None and not circuit.try_acquire(REQUESTS):
-            record_request(route_stats, cluster.stats, None, 503, "circuit_open", monotonic() - started, None)
-            await self._local_reply(stream, 503, "circuit_open", request_id)
+            await self._answer_locally(stream, observed, route_stats, route, cluster, 503, "circuit_open", started,
+                                       request_id)
             return
         extra_id = request_id is None
         if request_id is None:
             request_id = self.request_ids.next()
         await self._proxy_stream(stream, _Decided(route, cluster, route_stats, started, request_id, extra_id,
-                                                  self._forwarded_for(request)))
+                                                  self._forwarded_for(request), observed))
+
+    async def _answer_locally(self, stream: _Stream, observed: _Observed | None, route_stats: Any, route: Any,
+                              cluster: UpstreamCluster | None, status: int, code: str, started: float,
+                              request_id: bytes | None) -> None:
+        """A request answered before it went anywhere: counted, observed, replied to."""
+        record_request(route_stats, cluster.stats if cluster is not None else None, None, status, code,
+                       monotonic() - started, None)
+        try:
+            await self._local_reply(stream, status, code, request_id)
+        finally:
+            if observed is not None:
+                self._observe(observed, stream, route, cluster, None, status, code, started, None, request_id)
+
+    def _observe(self, observed: _Observed, stream: _Stream, route: Any, cluster: UpstreamCluster | None,
+                 outcome: _Outcome | None, status: int, error: str | None, started: float,
+                 upstream_time: float | None, request_id: bytes | None) -> None:
+        """Hand a finished stream to the observer (its access log line, its spans)."""
+        address = outcome.address if outcome is not None else None
+        client = self.client
+        observed.observer.end(
+            observed.obs, observed, route.name if route is not None else None,  # type: ignore[arg-type]
+            cluster.name if cluster is not None else None, address, status, error, stream.received,
+            stream.bytes_out, monotonic() - started, upstream_time, 1 if address is not None else 0, request_id,
+            self.peer, client.identity if client is not None else None,
+            status if address is not None and error is None else 0)
 
     def _forwarded_for(self, request: H2Request) -> bytes:
         if request.get(b"x-forwarded-for") is None:
@@ -876,6 +927,9 @@ class H2ServerConnection:
                 circuit.release(REQUESTS)
             record_request(decided.route_stats, cluster.stats, outcome.endpoint, outcome.status, outcome.error,
                            monotonic() - decided.started, outcome.upstream_time)
+            if decided.observed is not None:
+                self._observe(decided.observed, stream, decided.route, cluster, outcome, outcome.status, outcome.error,
+                              decided.started, outcome.upstream_time, request_id)
 
     async def _forward(self, stream: _Stream, decided: _Decided, timeout: float, outcome: _Outcome,
                        sent: _Sent | None) -> None:
@@ -893,10 +947,17 @@ class H2ServerConnection:
                     extra.append((b"x-forwarded-client-cert", client.xfcc))
                 if extra_id:
                     extra.append((b"x-request-id", request_id))
-                await self._forward_h2(stream, cluster, h2_request_headers(request, extra), timeout, outcome,
-                                       request_id)
+                drop: tuple[bytes, ...] = ()
+                observed = decided.observed
+                if observed is not None:
+                    # Trace context for the upstream, replacing the client's.
+                    extra += [tuple(line.split(b": ", 1)) for line in observed.obs.fields.split(b"\r\n") if line]
+                    drop = observed.observer.drop
+                await self._forward_h2(stream, cluster, h2_request_headers(request, extra, drop=drop), timeout,
+                                       outcome, request_id)
             else:
-                await self._forward_h1(stream, cluster, self._extra_fields(decided), timeout, outcome, sent)
+                await self._forward_h1(stream, cluster, self._extra_fields(decided), timeout, outcome, sent,
+                                       decided.observed.observer.drop if decided.observed is not None else ())
         except _UpstreamFailed as exc:
             outcome.status, outcome.error = exc.status, exc.code
             log.info("%s: %s %s -> %d %s (HTTP/2)", self.proxy.listener.name, request.method.decode("latin-1"),
@@ -911,6 +972,8 @@ class H2ServerConnection:
                   b"\r\nx-forwarded-proto: https\r\nx-forwarded-client-cert: " + client.xfcc + b"\r\n"]
         if decided.extra_id:
             fields += [b"x-request-id: ", decided.request_id, b"\r\n"]
+        if decided.observed is not None:
+            fields.append(decided.observed.obs.fields)  # trace context, replacing the client's
         return b"".join(fields)
 
     async def _local_reply(self, stream: _Stream, status: int, code: str, request_id: bytes | None) -> None:
@@ -954,9 +1017,11 @@ class H2ServerConnection:
             if self.broken is not None:
                 raise StreamGone(self.broken)
             try:
-                pos += conn.send_data(stream.id, data[pos:] if pos else data, end_stream)
+                sent = conn.send_data(stream.id, data[pos:] if pos else data, end_stream)
             except StreamClosed as exc:
                 raise StreamGone(str(exc)) from exc
+            pos += sent
+            stream.bytes_out += sent
             self._flush()
             if pos >= total:
                 return
@@ -986,7 +1051,7 @@ class H2ServerConnection:
 
     # -- HTTP/1.1 upstream -----------------------------------------------------------------
     async def _forward_h1(self, stream: _Stream, cluster: UpstreamCluster, extra: bytes, timeout: float,
-                          outcome: _Outcome, sent: _Sent | None = None) -> None:
+                          outcome: _Outcome, sent: _Sent | None = None, drop: tuple[bytes, ...] = ()) -> None:
         request = stream.request
         # Framing: a body that is here whole goes with the head under its length.
         whole = stream.ended
@@ -1007,7 +1072,7 @@ class H2ServerConnection:
         else:
             framing = b"transfer-encoding: chunked\r\n"
             chunked = True
-        head = h1_request_head(request, extra, framing) + body if sent is None else sent.head
+        head = h1_request_head(request, extra, framing, drop) + body if sent is None else sent.head
         replayable = whole and request.method in IDEMPOTENT
         deadline = trio.current_time() + timeout
         tried: list[int] = []
@@ -1043,6 +1108,7 @@ class H2ServerConnection:
                 if outcome.endpoint is not None:
                     outcome.endpoint.active -= 1
                 outcome.endpoint = pool.stats
+                outcome.address = pool.address_text
                 pool.stats.active += 1
             try:
                 keep = await self._h1_exchange(stream, up, head, chunked, not whole, reused, deadline, outcome,
@@ -1194,6 +1260,7 @@ class H2ServerConnection:
                 sent = self.conn.send_data(stream.id, body, True)
             except StreamClosed as exc:
                 raise StreamGone(str(exc)) from exc
+            stream.bytes_out += sent
             self._flush()
             if sent < len(body):
                 await self._send_data(stream, body[sent:], True)
@@ -1288,6 +1355,7 @@ class H2ServerConnection:
                 if outcome.endpoint is not None:
                     outcome.endpoint.active -= 1
                 outcome.endpoint = pool.stats
+                outcome.address = pool.address_text
                 pool.stats.active += 1
             try:
                 await self._h2_exchange(stream, upstream, no_body, deadline, outcome)

@@ -34,7 +34,8 @@ from ..tracing import (
 from ..tracing.context import server_and_client
 from ..tracing.exporter import SpanExporter
 
-_PROTOCOLS = {10: "HTTP/1.0", 11: "HTTP/1.1"}
+_PROTOCOLS = {10: "HTTP/1.0", 11: "HTTP/1.1", 20: "HTTP/2"}
+_SPAN_VERSIONS = {10: "1.0", 11: "1.1", 20: "2"}  # network.protocol.version
 
 
 class Tracing:
@@ -120,7 +121,7 @@ class Observer:
         exporter.submit(server_span(
             server, obs.started_ns, end_ns, method=head.method, path=head.target, authority=authority,
             status=status, error=error, peer=peer.decode() if peer else None, route=route, cluster=cluster,
-            protocol_version="1.0" if head.version == 10 else "1.1"))
+            protocol_version=_SPAN_VERSIONS.get(head.version, "1.1")))
         if endpoint is not None and obs.client is not None:
             exporter.submit(client_span(
                 obs.client, obs.started_ns, end_ns, method=head.method, path=head.target,

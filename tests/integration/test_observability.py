@@ -36,6 +36,7 @@ from .http_support import (
     request,
     route,
 )
+from .h2_support import H2Client
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
 from .support import HOST, endpoint, recv_exactly, tcp_config, wait_for
 
@@ -579,3 +580,34 @@ def test_a_dead_collector_does_not_slow_requests(meshproxy, faulty, upstreams):
     assert traced_time < 2 * plain_time + 0.5, (traced_time, plain_time)
     assert traceparent(origin)[2] == "01"  # the traced proxy did make sampled spans
     assert traced.returncode is None, traced.log()
+
+
+# -- HTTP/2 streams ----------------------------------------------------------------------------
+
+
+def test_http2_streams_are_logged_and_traced(meshproxy, faulty, receiver, tmp_path):
+    origin = faulty("origin")
+    log = tmp_path / "access.log"
+    proxy = meshproxy(with_telemetry(to_origin(origin), access_log={"path": str(log)},
+                                     tracing=tracing(receiver, "h2")))
+    client = H2Client(proxy.address())
+    try:
+        response = client.get("/api/h2?q=1", headers=[(b"traceparent", f"00-{TRACE}-{CALLER}-01".encode())],
+                              authority="shop.example")
+    finally:
+        client.close()
+    assert response.status == 200
+    trace_id, parent, flags = traceparent(origin)
+    assert (trace_id, flags) == (TRACE, "01") and parent != CALLER  # ours replaced the client's
+    (record,) = wait_records(log, 1)
+    assert {k: record[k] for k in ("route", "cluster", "endpoint", "method", "authority", "path", "protocol",
+                                   "status", "error", "attempts", "trace_id")} == {
+        "route": "all", "cluster": "up", "endpoint": origin.endpoint, "method": "GET",
+        "authority": "shop.example", "path": "/api/h2", "protocol": "HTTP/2", "status": 200, "error": None,
+        "attempts": 1, "trace_id": TRACE}, record
+    assert record["bytes_out"] == len(response.body) and record["upstream_ms"] is not None
+    spans = spans_of_trace(receiver, TRACE, 2)
+    server, client_span = one(spans, "h2", SERVER_KIND), one(spans, "h2", CLIENT_KIND)
+    assert server.span.parent_span_id.hex() == CALLER
+    assert client_span.span.span_id.hex() == parent
+    assert attributes(server).get("network.protocol.version") == "2", attributes(server)
