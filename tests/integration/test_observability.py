@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from .faulty_origin import Fault, FaultyOrigin
+from .h2_support import H2Client
 from .http_support import (
     RawClient,
     Response,
@@ -36,7 +37,6 @@ from .http_support import (
     request,
     route,
 )
-from .h2_support import H2Client
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
 from .support import HOST, endpoint, recv_exactly, tcp_config, wait_for
 
