@@ -75,7 +75,7 @@ from .._core.http1 import (
 )
 from .._core.iobuf import RecvBuffer, send_from
 from .._core.splice import monotonic
-from ..cluster.circuit import REQUESTS
+from ..cluster.circuit import REQUESTS, RETRIES
 from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
 from ..net.sched import yield_now
 from ..policy.authz import decide_request
@@ -252,6 +252,37 @@ class _Sent:
         self.head = head
         self.offset = offset  # bytes of `head` written
         self.sent_at = sent_at
+
+
+class _Retrying:
+    """A stream under its route's retry policy, as `Http1Proxy._may_retry` reads an HTTP/1
+    exchange: the policy, the tries so far, whether the request may be sent again."""
+
+    __slots__ = ("_deadline", "cluster", "head", "policies", "replayable", "retry_held", "tries")
+
+    def __init__(self, policies: Any, cluster: UpstreamCluster, head: H2Request, deadline: float,
+                 replayable: bool) -> None:
+        self.policies = policies
+        self.cluster = cluster
+        self.head = head  # its method decides what may be replayed (RFC 9110 §9.2.2)
+        self._deadline = deadline
+        self.replayable = replayable
+        self.tries = 1
+        self.retry_held = False  # holds one of the cluster breaker's retry slots
+
+    def route_deadline(self) -> float:
+        return self._deadline
+
+    def start_try(self) -> None:
+        pass  # per-try timeouts are not applied to HTTP/2 streams
+
+
+class _RetryNow(Exception):
+    """The upstream answered with a status the retry policy retries: send it again."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 class _Outcome:
@@ -957,7 +988,8 @@ class H2ServerConnection:
                                        outcome, request_id)
             else:
                 await self._forward_h1(stream, cluster, self._extra_fields(decided), timeout, outcome, sent,
-                                       decided.observed.observer.drop if decided.observed is not None else ())
+                                       decided.observed.observer.drop if decided.observed is not None else (),
+                                       self.proxy.policies.get(decided.route.name))
         except _UpstreamFailed as exc:
             outcome.status, outcome.error = exc.status, exc.code
             log.info("%s: %s %s -> %d %s (HTTP/2)", self.proxy.listener.name, request.method.decode("latin-1"),
@@ -1051,7 +1083,8 @@ class H2ServerConnection:
 
     # -- HTTP/1.1 upstream -----------------------------------------------------------------
     async def _forward_h1(self, stream: _Stream, cluster: UpstreamCluster, extra: bytes, timeout: float,
-                          outcome: _Outcome, sent: _Sent | None = None, drop: tuple[bytes, ...] = ()) -> None:
+                          outcome: _Outcome, sent: _Sent | None = None, drop: tuple[bytes, ...] = (),
+                          policies: Any = None) -> None:
         request = stream.request
         # Framing: a body that is here whole goes with the head under its length.
         whole = stream.ended
@@ -1075,6 +1108,22 @@ class H2ServerConnection:
         head = h1_request_head(request, extra, framing, drop) + body if sent is None else sent.head
         replayable = whole and request.method in IDEMPOTENT
         deadline = trio.current_time() + timeout
+        retrying = None
+        if policies is not None and policies.retry is not None and policies.budget is not None:
+            policies.budget.record_request(monotonic())
+            retrying = _Retrying(policies, cluster, request, deadline,
+                                 whole and len(body) <= policies.retry.max_body_bytes)
+        try:
+            await self._h1_tries(stream, cluster, head, chunked, whole, replayable, deadline, outcome, sent, retrying)
+        finally:
+            if retrying is not None and retrying.retry_held and cluster.circuit is not None:
+                cluster.circuit.release(RETRIES)
+
+    async def _h1_tries(self, stream: _Stream, cluster: UpstreamCluster, head: bytes, chunked: bool, whole: bool,
+                        replayable: bool, deadline: float, outcome: _Outcome, sent: _Sent | None,
+                        retrying: _Retrying | None) -> None:
+        """Pick, connect and exchange until an answer, a failure to pass on, or the retries
+        run out."""
         tried: list[int] = []
         connect_failures = 0
         fresh_only = False
@@ -1112,8 +1161,14 @@ class H2ServerConnection:
                 pool.stats.active += 1
             try:
                 keep = await self._h1_exchange(stream, up, head, chunked, not whole, reused, deadline, outcome,
-                                               sent)
+                                               sent, retrying)
                 sent = None
+            except _RetryNow as exc:
+                sent = None
+                pool.discard(up)
+                cluster.record_outcome(pool, exc.status, None)
+                tried = [pool.index]  # another endpoint, if there is one
+                continue
             except _UpstreamFailed as exc:
                 sent = None
                 pool.discard(up)
@@ -1123,6 +1178,9 @@ class H2ServerConnection:
                     cluster.stats.retries += 1
                     continue
                 cluster.record_outcome(pool, 0, exc.code)
+                if retrying is not None and await self.proxy._may_retry(retrying, 0, exc.code):
+                    tried = [pool.index]
+                    continue
                 raise
             except BaseException:
                 sent = None
@@ -1137,9 +1195,11 @@ class H2ServerConnection:
             return
 
     async def _h1_exchange(self, stream: _Stream, up: UpstreamConn, head: bytes, chunked: bool, streaming: bool,
-                           reused: bool, deadline: float, outcome: _Outcome, already: _Sent | None = None) -> bool:
+                           reused: bool, deadline: float, outcome: _Outcome, already: _Sent | None = None,
+                           retrying: _Retrying | None = None) -> bool:
         """Send the request (the rest of it, when `already` sent), forward the response;
-        True when `up` may be reused."""
+        True when `up` may be reused. _RetryNow when the answer is a status the route's
+        retry policy (`retrying`) sends the request again for."""
         if stream.reset:
             raise StreamGone("reset by the client")
         stream.upstream_fd = up.fd
@@ -1158,6 +1218,9 @@ class H2ServerConnection:
                     await yield_now()
                 response = await self._h1_response_head(stream, up, reused, deadline, yielded=True)
                 outcome.upstream_time = monotonic() - sent_at
+                if (response.status >= 500 and retrying is not None
+                        and await self.proxy._may_retry(retrying, response.status, None)):
+                    raise _RetryNow(response.status)
                 return await self._h1_forward_response(stream, up, response, outcome)
             return await self._h1_streaming_exchange(stream, up, chunked, deadline, sent_at, outcome)
         finally:

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .faulty_origin import Fault, FaultyOrigin
+from .h2_support import H2Client
 from .http_support import RawClient, Response, cluster, http_config, request, route
 from .support import wait_for
 
@@ -149,6 +150,25 @@ def test_retried_gets_succeed_through_a_cluster_with_one_failing_endpoint(meshpr
         assert cluster_info(proxy, "up")["connect_failures"] >= 3
     else:
         assert bad.count("GET", "/") >= 3
+
+
+@pytest.mark.parametrize("failure", ["5xx", "reset"])
+def test_http2_streams_are_retried_by_the_route_policy(meshproxy, faulty, failure):
+    """The same policy holds for HTTP/2 clients: each stream that met the failing endpoint
+    is sent again to the good one."""
+    fault, condition, _ = FAILING[failure]
+    good, bad = faulty("good"), faulty("bad")
+    bad.set_mode(fault)
+    proxy = meshproxy(one_cluster_config(
+        [good, bad], retry={"attempts": 2, "on": [condition], "backoff": QUICK_BACKOFF}))
+    client = H2Client(proxy.address())
+    try:
+        responses = [client.get("/") for _ in range(12)]
+    finally:
+        client.close()
+    assert [(r.status, r.header(b"x-origin")) for r in responses] == [(200, b"good")] * 12
+    assert good.count("GET", "/") == 12
+    assert bad.count("GET", "/") >= 3
 
 
 @pytest.mark.parametrize("failure", ["5xx", "reset"])
