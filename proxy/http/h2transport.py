@@ -1,5 +1,5 @@
-"""The bytes side of one HTTP/2 connection on a non-blocking fd, shared by the downstream
-server (`h2server`) and the upstream pool (`upstream.h2pool`).
+"""The bytes side of one upstream HTTP/2 connection (`upstream.h2pool`) on a non-blocking fd.
+(The downstream server has its own, around its C protocol state: `h2server`.)
 
 `h2`'s state machine (the `state`) turns events into bytes to send; `flush()` queues those
 bytes for the writer task, which writes whatever every stream queued since it last ran in
