@@ -136,6 +136,7 @@ cdef class H2Conn:
     cdef double flood_window, reset_window, reset_ratio
     cdef double window_start, reset_start
     cdef int n_settings, n_pings, n_priority, n_window_updates, n_empty
+    cdef double now  # the time of the receive() in progress
     cdef readonly int opened  # streams opened in the current reset window
     cdef readonly int resets  # ... and reset early (by the client, or by us because of it)
 
@@ -311,6 +312,7 @@ cdef class H2Conn:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, length
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef int kind, flags, sid
+        self.now = now
         if self.skip:
             pos = min(<Py_ssize_t>self.skip, n)
             self.skip -= pos
@@ -509,7 +511,6 @@ cdef class H2Conn:
             self._stream_error(events, sid, s, STREAM_CLOSED)
             return 0
         if not end:
-            self.note_reset(now)
             self._stream_error(events, sid, s, PROTOCOL_ERROR)  # trailers must end the stream
             return 0
         self._remote_end(sid, s)
@@ -519,7 +520,7 @@ cdef class H2Conn:
     cdef int _settings(self, list events, int flags, int sid, const unsigned char* p, int length) except -1:
         cdef int i, ident
         cdef unsigned int value
-        cdef long long delta
+        cdef long long delta, window = -1
         if sid != 0:
             return self._fail(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & F_ACK:
@@ -537,25 +538,27 @@ cdef class H2Conn:
             ident = (p[i] << 8) | p[i + 1]
             value = _u32_at(p + i + 2)
             if ident == 1:
-                self.encoder.set_max_table_size(value)
+                self.encoder.set_max_table_size(min(value, 65536))  # ours stays at most 4096 anyway
             elif ident == 2:
                 if value > 1:
                     return self._fail(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1")
             elif ident == 4:
                 if value > MAX_WINDOW:
                     return self._fail(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
-                delta = <long long>value - self.peer_initial_window
-                self.peer_initial_window = value
-                for s in self.streams.values():
-                    (<_Stream>s).send_window += delta
-                    if (<_Stream>s).send_window > MAX_WINDOW:
-                        return self._fail(FLOW_CONTROL_ERROR, "a stream window past 2^31-1")
-                if delta:
-                    events.append((EV_WINDOW, 0, 0, None))
+                window = value  # the last one in the frame holds: applied once, below
             elif ident == 5:
                 if value < DEFAULT_FRAME or value > 0xFFFFFF:
                     return self._fail(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
                 self.peer_max_frame = value
+        if window >= 0:
+            delta = window - self.peer_initial_window
+            self.peer_initial_window = window
+            if delta:
+                for s in self.streams.values():
+                    (<_Stream>s).send_window += delta
+                    if (<_Stream>s).send_window > MAX_WINDOW:
+                        return self._fail(FLOW_CONTROL_ERROR, "a stream window past 2^31-1")
+                events.append((EV_WINDOW, 0, 0, None))
         q = self._grow(9)
         _header(q, 0, SETTINGS, F_ACK, 0)
         return 0
@@ -605,6 +608,11 @@ cdef class H2Conn:
             s.state = HALF_CLOSED_LOCAL
 
     cdef void _stream_error(self, list events, int sid, _Stream s, int code):
+        # A reset the client caused counts like one it sent: otherwise a client could make
+        # us reset its streams instead (MadeYouReset) and open them without limit.
+        self._count_reset(self.now)
+        if self.error is not None:
+            return
         self.streams.pop(sid, None)
         self._rst(sid, code)
         events.append((EV_RESET, sid, code, False))

@@ -220,6 +220,10 @@ def parse_request(list headers, Py_ssize_t max_list_size=61440, Py_ssize_t max_f
     p = <const unsigned char*>PyBytes_AS_STRING(path)
     if p[0] != b"/" and not (_is(path, "*", 1) and _is(method, "OPTIONS", 7)):
         raise MalformedRequest("invalid :path")
+    for i in range(PyBytes_GET_SIZE(path)):
+        if p[i] <= 0x20 or p[i] == 0x7F:
+            # Never a request line an HTTP/1 parser could read two ways.
+            raise MalformedRequest("space or control character in :path")
     if host is not None:
         if authority is None:
             authority = host

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .._core.h2msg import check_field
 from .._core.http1 import ChunkedScanner, ProtocolError, RequestHead
 from .._core.iobuf import RecvBuffer, send_from
 from .h2codec import CONNECTION_SPECIFIC, TrailerDecoder, h2_trailers
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 _DROPPED = CONNECTION_SPECIFIC | {b"host", b"te", b"expect", b"content-length", b"x-forwarded-for",
                                   b"x-forwarded-proto", b"x-forwarded-client-cert", b"trailer"}
 _PIECE = 65536  # request body bytes read from the client at a time
+# Fields a trailer section may not carry (RFC 9110 §6.5.1).
+_NOT_TRAILERS = CONNECTION_SPECIFIC | {b"content-length", b"host", b"te", b"trailer"}
 
 
 class ClientGone(Exception):
@@ -130,7 +133,13 @@ async def send_response_body(stream: H2ClientStream, fd: int, chunked: bool, idl
             await _send_all(fd, b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece, idle)
         stream.ack(len(piece))
     if chunked:
-        trailer = b"".join(b"%s: %s\r\n" % field for field in stream.trailers or ())
+        trailers = stream.trailers or ()
+        for name, value in trailers:
+            if check_field(name, value) is not None or name in _NOT_TRAILERS:
+                # Never written into the client's connection as it came (no field may
+                # smuggle a line break): the response ends here, unfinished.
+                raise ClientGone(f"upstream sent a bad trailer field {name[:64]!r}")
+        trailer = b"".join(b"%s: %s\r\n" % field for field in trailers)
         await _send_all(fd, b"0\r\n" + trailer + b"\r\n", idle)
 
 

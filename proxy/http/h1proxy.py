@@ -656,8 +656,11 @@ class Http1Proxy:
                 cluster.record_outcome(pool, status, None)
             ex.responded = True
             bodyless = head.method == b"HEAD" or status in (204, 304)
-            chunked = not bodyless and not any(name == b"content-length" for name, _ in fields)
-            keep = head.keep_alive and body.complete and not self.draining
+            length_known = any(name == b"content-length" for name, _ in fields)
+            # An HTTP/1.0 client cannot read chunked framing: its body ends with the connection.
+            chunked = not bodyless and not length_known and head.version == 11
+            keep = (head.keep_alive and body.complete and not self.draining
+                    and (bodyless or length_known or chunked))
             out = h1_to_h2.response_head(status, fields, chunked, not keep)
             ex.bytes_out = len(out)
             try:

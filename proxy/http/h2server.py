@@ -332,6 +332,7 @@ class H2ServerConnection:
         self._idle_workers: list[trio.lowlevel.Task] = []
         self._writer: trio.lowlevel.Task | None = None
         self._writer_parked = False
+        self._closing: trio.Event | None = None  # set by the writer once all is sent, at the end
         self._room = trio.Event()  # set while the outbound queue is under its cap
         self._room.set()
         self._windows: dict[int, trio.Event] = {}  # streams waiting for send window
@@ -355,12 +356,14 @@ class H2ServerConnection:
                     self.drain()
                 try:
                     await self._read_loop(already_read)
-                except Exception:  # a bug must cost one connection, not the worker
-                    log.exception("%s: HTTP/2 connection failed", self.proxy.listener.name)
                 finally:
                     self._drop_sent()
-                await self._drain_output(1.0)
+                # The writer sends what is left (a final GOAWAY), for a moment at most.
+                with trio.move_on_after(1.0):
+                    await self._finish_writing()
                 nursery.cancel_scope.cancel()
+        except Exception:  # a bug must cost one connection, not the worker
+            log.exception("%s: HTTP/2 connection failed", self.proxy.listener.name)
         finally:
             live.discard(self)
             if self.cut_off_code is not None:
@@ -773,6 +776,8 @@ class H2ServerConnection:
 
         while True:
             if not out:
+                if self._closing is not None:
+                    self._closing.set()
                 self._writer_parked = True
                 await trio.lowlevel.wait_task_rescheduled(abort)
                 continue
@@ -792,19 +797,14 @@ class H2ServerConnection:
             self._fail(f"client read nothing for {limits.write_stall_timeout:g}s")
             return
 
-    async def _drain_output(self, timeout: float) -> None:
-        """Wait (up to `timeout`) until everything queued is written, e.g. a final GOAWAY."""
-        out = self.out
-        with trio.move_on_after(timeout):
-            while out and self.broken is None:
-                try:
-                    sent = send_from(self.fd, out, 0)
-                except OSError:
-                    return
-                if sent > 0:
-                    del out[:sent]
-                else:
-                    await trio.lowlevel.wait_writable(self.fd)
+    async def _finish_writing(self) -> None:
+        """Wait until the writer has sent everything queued (only the writer touches the
+        socket: two tasks may not wait on one fd)."""
+        self._closing = trio.Event()
+        self._flush()  # wakes a parked writer if anything waits
+        if not self.out:
+            return
+        await self._closing.wait()
 
     def _fail(self, reason: str) -> None:
         if self.broken is None:
@@ -1239,7 +1239,7 @@ class H2ServerConnection:
                 response = await self._h1_response_head(stream, up, False, deadline)
                 outcome.upstream_time = monotonic() - sent_at
                 keep = await self._h1_forward_response(stream, up, response, outcome)
-            except (_UpstreamFailed, StreamGone, OSError, TimeoutError) as exc:
+            except (_UpstreamFailed, StreamGone, OSError, TimeoutError, trio.ClosedResourceError) as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
         if failure is not None:
@@ -1260,7 +1260,7 @@ class H2ServerConnection:
                 trailer = b"".join(b"%s: %s\r\n" % field for field in stream.trailers or ())
                 await _send_all(fd, b"0\r\n" + trailer + b"\r\n", 0, idle)
             done[0] = True
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, trio.ClosedResourceError) as exc:
             log.debug("%s: request body to upstream: %s", self.proxy.listener.name, exc)
 
     async def _h1_response_head(self, stream: _Stream, up: UpstreamConn, reused: bool,
@@ -1411,6 +1411,8 @@ class H2ServerConnection:
                     continue
                 raise _UpstreamFailed(exc.status, exc.code) from exc
             if stream.reset:
+                if upstream is not None:
+                    upstream.cancel()
                 raise StreamGone("reset by the client")
             if upstream is None:
                 raise _UpstreamFailed(504, "upstream_timeout")
@@ -1451,7 +1453,8 @@ class H2ServerConnection:
                 outcome.upstream_time = monotonic() - sent_at
                 outcome.status = status
                 await self._h2_forward_response(stream, upstream, status, fields)
-            except (H2StreamError, _UpstreamFailed, StreamGone, OSError, TimeoutError) as exc:
+            except (H2StreamError, _UpstreamFailed, StreamGone, OSError, TimeoutError,
+                    trio.ClosedResourceError) as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
         if failure is not None:
@@ -1473,7 +1476,7 @@ class H2ServerConnection:
                 upstream.send_trailers(stream.trailers)
             else:
                 await upstream.send_data(b"", True, idle)
-        except (H2StreamError, OSError, TimeoutError) as exc:
+        except (H2StreamError, OSError, TimeoutError, trio.ClosedResourceError) as exc:
             log.debug("%s: request body to HTTP/2 upstream: %s", self.proxy.listener.name, exc)
 
     async def _h2_forward_response(self, stream: _Stream, upstream: H2ClientStream, status: int,

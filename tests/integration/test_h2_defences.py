@@ -7,13 +7,14 @@ well-behaved client on another connection keeps getting its answers meanwhile.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 
 import hpack
 import pytest
 
-from proxy.http.h2codec import H2Limits
+from proxy.http.h2codec import PREFACE, H2Limits
 
 from .h2_support import H2Client, InProcessProxy, Response, frame
 from .http_support import Origin, cluster, delay, http_config, respond, route
@@ -296,3 +297,30 @@ def test_client_that_reads_nothing_loses_its_connection():
         attacker.close()
         proxy.close()
         origin.close()
+
+
+def test_a_client_that_stops_reading_and_hangs_up_costs_only_its_connection(site):
+    """Half a megabyte queued for a client that reads nothing, then its half-close: the
+    final GOAWAY waits behind it, and the listener goes on serving everyone else."""
+    proxy, origin = site
+    origin.on("/big", respond(200, b"x" * 65536))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(proxy.address)
+    encoder = hpack.Encoder()
+    try:
+        data = PREFACE + frame(4, 0, 0, b"\x00\x04\x7f\xff\xff\xff") + frame(8, 0, 0, b"\x10\x00\x00\x00")
+        for sid in range(1, 100, 2):
+            data += frame(HEADERS, END_STREAM | END_HEADERS, sid, encoder.encode([*REQUEST[:3], (b":path", b"/big")]))
+        sock.sendall(data)
+        time.sleep(1.0)
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(1.5)
+        client = H2Client(proxy.address)
+        try:
+            assert client.get("/after").status == 200
+        finally:
+            client.close()
+    finally:
+        sock.close()
+    assert proxy.error is None

@@ -394,6 +394,21 @@ def test_http1_clients_reach_an_h2_upstream(h2_origin, proxies):
     assert h2_origin.connections == 1
 
 
+def test_http10_clients_of_an_h2_upstream_get_a_body_that_ends_with_the_connection(h2_origin, proxies):
+    proxy = proxies(_h2_config(h2_origin))
+    sock = socket.create_connection(proxy.address, timeout=10)
+    try:
+        sock.sendall(b"GET /old HTTP/1.0\r\nHost: api.test\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head.lower()
+    assert json.loads(body)["path"] == "/old"
+
+
 def test_http1_client_to_a_resetting_h2_upstream_gets_502(h2_origin, proxies):
     proxy = proxies(_h2_config(h2_origin))
     sock = socket.create_connection(proxy.address, timeout=10)

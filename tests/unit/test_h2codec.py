@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from proxy._core.h2msg import MalformedRequest, h1_request_head, parse_request
 
+from proxy._core.h2msg import MalformedRequest, h1_request_head, parse_request
 from proxy.http import h2codec
 from proxy.http.h2codec import (
     PREFACE,
@@ -113,6 +113,9 @@ def test_host_stands_in_for_a_missing_authority():
     [*BASE, (b"content-length", b"-1")],
     [*BASE, (b"content-length", b"1"), (b"content-length", b"2")],
     [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x\r\nHost: y")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a b HTTP/1.1")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a\tb")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a\x7f")],
 ])
 def test_malformed_requests_are_refused(headers):
     with pytest.raises(MalformedRequest) as refused:

@@ -390,3 +390,39 @@ def test_rapid_reset_needs_the_minimum_and_the_ratio():
         sid += 6
     server.note_reset(0.0)
     assert server.violation is None
+
+
+def test_resets_the_client_provokes_count_toward_rapid_reset():
+    """MadeYouReset: streams the server must reset because of the client (here a zero
+    WINDOW_UPDATE) count like resets the client sends."""
+    server = H2Conn(H2Limits(reset_min_streams=50), 0)
+    encoder = hpack.Encoder()
+    data = b"".join(HeadersFrame(sid, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize()
+                    + WindowUpdateFrame(sid, window_increment=0).serialize() for sid in range(1, 200, 2))
+    server.receive(data, 0.0)
+    assert server.violation == "rapid_reset"
+
+
+def test_any_header_table_size_is_accepted():
+    pair = Pair()
+    pair.to_server()
+    pair.server.receive(SettingsFrame(0, {SettingCodes.HEADER_TABLE_SIZE: 0xFFFFFFFF}).serialize(), 0.0)
+    assert pair.server.error is None
+    pair.client.send_headers(1, REQUEST, end_stream=True)
+    pair.to_server()
+    pair.server.send_headers(1, [(b":status", b"200"), (b"x-a", b"b")], True)
+    assert any(isinstance(e, ResponseReceived) for e in pair.to_client())
+
+
+def test_a_settings_frame_moves_the_windows_once():
+    pair = Pair()
+    for sid in range(1, 21, 2):
+        pair.client.send_headers(sid, REQUEST, end_stream=True)
+    pair.to_server()
+    many = SettingsFrame(0, {}).serialize()[:9]
+    payload = b"".join(b"\x00\x04" + (1000 + i).to_bytes(4, "big") for i in range(2000))
+    frame = len(payload).to_bytes(3, "big") + many[3:] + payload
+    events = pair.server.receive(frame, 0.0)
+    assert [e for e in events if e[0] == EV_WINDOW] == [(EV_WINDOW, 0, 0, None)]
+    pair.server.send_headers(1, [(b":status", b"200")], False)
+    assert pair.server.send_window(1) == 2999  # the last value in the frame holds
