@@ -13,15 +13,16 @@ Picking the endpoint, connect failover and the endpoint accounting are the calle
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
 
 from .._core.h2msg import check_field
 from .._core.http1 import ChunkedScanner, ProtocolError, RequestHead
-from .._core.iobuf import RecvBuffer, send_from
+from .._core.iobuf import RecvBuffer
 from .h2codec import CONNECTION_SPECIFIC, TrailerDecoder, h2_trailers
+from .local_reply import reason_phrase
 
 if TYPE_CHECKING:
     from ..upstream.h2pool import H2ClientStream
@@ -73,7 +74,7 @@ def _path_of(target: bytes) -> bytes:
 
 def response_head(status: int, fields: list[tuple[bytes, bytes]], chunked: bool, close: bool) -> bytes:
     """An HTTP/2 response's status and fields as an HTTP/1.1 response head."""
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
     for name, value in fields:
         out += (name, b": ", value, b"\r\n")
     if chunked:
@@ -119,8 +120,9 @@ async def send_request_body(stream: H2ClientStream, fd: int, buf: RecvBuffer, fi
         remaining -= len(piece)
 
 
-async def send_response_body(stream: H2ClientStream, fd: int, chunked: bool, idle: float) -> None:
-    """Pass the response body (and, chunked, the trailers) on to the client."""
+async def send_response_body(stream: H2ClientStream, write: Callable[[bytes], Awaitable[object]], chunked: bool,
+                             idle: float) -> None:
+    """Pass the response body (and, chunked, the trailers) on to the client with `write`."""
     while True:
         piece = None
         with trio.move_on_after(idle) as wait:
@@ -130,7 +132,7 @@ async def send_response_body(stream: H2ClientStream, fd: int, chunked: bool, idl
         if piece is None:
             break
         if piece:
-            await _send_all(fd, b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece, idle)
+            await write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
         stream.ack(len(piece))
     if chunked:
         trailers = stream.trailers or ()
@@ -140,7 +142,7 @@ async def send_response_body(stream: H2ClientStream, fd: int, chunked: bool, idl
                 # smuggle a line break): the response ends here, unfinished.
                 raise ClientGone(f"upstream sent a bad trailer field {name[:64]!r}")
         trailer = b"".join(b"%s: %s\r\n" % field for field in trailers)
-        await _send_all(fd, b"0\r\n" + trailer + b"\r\n", idle)
+        await write(b"0\r\n" + trailer + b"\r\n")
 
 
 async def _recv_more(fd: int, buf: RecvBuffer, idle: float) -> None:
@@ -159,30 +161,3 @@ async def _recv_more(fd: int, buf: RecvBuffer, idle: float) -> None:
             await trio.lowlevel.wait_readable(fd)
         if wait.cancelled_caught:
             raise ClientGone(f"client sent nothing for {idle:g}s")
-
-
-async def _send_all(fd: int, data: bytes, idle: float) -> None:
-    offset = 0
-    while offset < len(data):
-        try:
-            sent = send_from(fd, data, offset)
-        except OSError as exc:
-            raise ClientGone(str(exc)) from exc
-        if sent >= 0:
-            offset += sent
-            continue
-        with trio.move_on_after(idle) as wait:
-            await trio.lowlevel.wait_writable(fd)
-        if wait.cancelled_caught:
-            raise ClientGone(f"client read nothing for {idle:g}s")
-
-
-_REASONS = {
-    200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content", 206: b"Partial Content",
-    301: b"Moved Permanently", 302: b"Found", 303: b"See Other", 304: b"Not Modified",
-    307: b"Temporary Redirect", 308: b"Permanent Redirect", 400: b"Bad Request", 401: b"Unauthorized",
-    403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict", 410: b"Gone",
-    413: b"Content Too Large", 415: b"Unsupported Media Type", 422: b"Unprocessable Content",
-    429: b"Too Many Requests", 500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout",
-}

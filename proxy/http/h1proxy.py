@@ -16,6 +16,7 @@ reply right after the request, the next request on a kept-alive connection) is
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -50,7 +51,12 @@ from .._core.splice import (
 )
 from ..cluster.circuit import REQUESTS, RETRIES
 from ..config import HttpLimits, Listener
-from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
+from ..errors import (
+    CircuitOpenError,
+    NoHealthyUpstreamError,
+    ProxyError,
+    UpstreamConnectError,
+)
 from ..net.sched import yield_now
 from ..net.tcp_proxy import relay_until_done
 from ..net.tls_bridge import DownstreamPeer, TlsBridges
@@ -604,27 +610,15 @@ class Http1Proxy:
         headers = h1_to_h2.h2_headers_of(head, extra, drop)
         has_body = head.chunked or head.content_length > 0
         deadline = ex.route_deadline()
-        tried: list[int] = []
-        while True:
-            try:
-                pool = cluster.pick(tried, ex.key)
-            except (CircuitOpenError, NoHealthyUpstreamError) as exc:
-                return await self._fail(fd, ex, _UpstreamFailed(exc.status, exc.code))
-            stream = None
-            try:
-                with trio.move_on_at(deadline):
-                    stream = await self.h2_upstreams.endpoint(cluster, pool).open_stream(headers, not has_body)
-            except CircuitOpenError as exc:
-                return await self._fail(fd, ex, _UpstreamFailed(exc.status, exc.code))
-            except UpstreamConnectError as exc:
-                cluster.record_outcome(pool, 0, exc.code)
-                tried.append(pool.index)
-                if len(tried) < min(len(cluster.pools), MAX_CONNECT_ATTEMPTS):
-                    continue
-                return await self._fail(fd, ex, _UpstreamFailed(exc.status, exc.code))
-            if stream is None:
-                return await self._fail(fd, ex, _UpstreamFailed(504, "upstream_timeout"))
-            break
+        stream = None
+        try:
+            with trio.move_on_at(deadline):
+                pool, stream = await self.h2_upstreams.open_stream(cluster, headers, not has_body,
+                                                                   MAX_CONNECT_ATTEMPTS, ex.key)
+        except ProxyError as exc:
+            return await self._fail(fd, ex, _UpstreamFailed(exc.status, exc.code))
+        if stream is None:
+            return await self._fail(fd, ex, _UpstreamFailed(504, "upstream_timeout"))
         ex.endpoint = pool.stats
         ex.address = pool.address_text
         pool.stats.active += 1
@@ -666,7 +660,7 @@ class Http1Proxy:
             try:
                 await self._reply(fd, out)
                 if not bodyless:
-                    await h1_to_h2.send_response_body(stream, fd, chunked, idle)
+                    await h1_to_h2.send_response_body(stream, functools.partial(self._reply, fd), chunked, idle)
             except (H2StreamError, TimeoutError, h1_to_h2.ClientGone, _ClientGone) as exc:
                 log.debug("%s: response from HTTP/2 upstream broke off: %s", self.listener.name, exc)
                 return False

@@ -76,7 +76,12 @@ from .._core.http1 import (
 from .._core.iobuf import RecvBuffer, send_from
 from .._core.splice import monotonic
 from ..cluster.circuit import REQUESTS, RETRIES
-from ..errors import CircuitOpenError, NoHealthyUpstreamError, UpstreamConnectError
+from ..errors import (
+    CircuitOpenError,
+    NoHealthyUpstreamError,
+    ProxyError,
+    UpstreamConnectError,
+)
 from ..net.sched import yield_now
 from ..policy.authz import decide_request
 from ..policy.retry import IDEMPOTENT
@@ -1387,28 +1392,15 @@ class H2ServerConnection:
                           timeout: float, outcome: _Outcome, request_id: bytes) -> None:
         assert self.upstreams is not None
         deadline = trio.current_time() + timeout
-        tried: list[int] = []
-        connect_failures = 0
         retries = 0
         no_body = stream.ended and not stream.body
         while True:
-            try:
-                pool = cluster.pick(tried, None)
-            except (CircuitOpenError, NoHealthyUpstreamError) as exc:
-                raise _UpstreamFailed(exc.status, exc.code) from exc
-            endpoint = self.upstreams.endpoint(cluster, pool)
             upstream: H2ClientStream | None = None
             try:
                 with trio.move_on_at(deadline) as stream.scope:
-                    upstream = await endpoint.open_stream(headers, end_stream=no_body and stream.trailers is None)
-            except CircuitOpenError as exc:
-                raise _UpstreamFailed(exc.status, exc.code) from exc
-            except UpstreamConnectError as exc:
-                cluster.record_outcome(pool, 0, exc.code)
-                tried.append(pool.index)
-                connect_failures += 1
-                if connect_failures < min(len(cluster.pools), self.connect_attempts):
-                    continue
+                    pool, upstream = await self.upstreams.open_stream(
+                        cluster, headers, no_body and stream.trailers is None, self.connect_attempts)
+            except ProxyError as exc:
                 raise _UpstreamFailed(exc.status, exc.code) from exc
             if stream.reset:
                 if upstream is not None:

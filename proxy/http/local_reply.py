@@ -26,11 +26,12 @@ _DESCRIPTIONS = {
     "no_healthy_upstream": "no healthy upstream endpoint",
     "rate_limited": "request rate limit exceeded",
     "fault_abort": "request aborted by fault injection",
-    "upstream_protocol_unsupported": "the cluster speaks HTTP/2 only; send this request over HTTP/2",
+    "upstream_protocol_unsupported": "the cluster speaks HTTP/2 only, where this request (a tunnel) has no form",
 }
 
 
-def _reason(status: int) -> bytes:
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase for `status` (b"Error" for a code it does not know)."""
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
@@ -43,7 +44,7 @@ def local_reply(status: int, code: str, detail: str = "", *, close: bool = False
     text = detail or _DESCRIPTIONS.get(code, code.replace("_", " "))
     body = f"meshproxy: {text}\n".encode()
     lines = [
-        b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)),
+        b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
         b"content-type: text/plain; charset=utf-8\r\n",
         b"content-length: %d\r\n" % len(body),
         b"x-meshproxy-error: " + code.encode() + b"\r\n",

@@ -48,6 +48,7 @@ from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes, Settings
 
 from .._core.iobuf import RecvBuffer
+from ..errors import UpstreamConnectError
 from ..http.h2codec import (
     CANCEL,
     NO_ERROR,
@@ -436,6 +437,23 @@ class H2Upstreams:
             entry = (cluster, pool, H2EndpointPool(pool, self.nursery, self.limits))
             self._pools[id(pool)] = entry
         return entry[2]
+
+    async def open_stream(self, cluster: UpstreamCluster, headers: list[tuple[bytes, bytes]], end_stream: bool,
+                          attempts: int, key: bytes | None = None) -> tuple[EndpointPool, H2ClientStream]:
+        """A new stream to an endpoint of `cluster`, its request headers sent. A connect
+        that fails (counted for outlier detection) moves on to another endpoint, up to
+        `attempts` of them. Raises what ends the search: CircuitOpenError,
+        NoHealthyUpstreamError, UpstreamConnectError. Timeouts are the caller's."""
+        tried: list[int] = []
+        while True:
+            pool = cluster.pick(tried, key)
+            try:
+                return pool, await self.endpoint(cluster, pool).open_stream(headers, end_stream)
+            except UpstreamConnectError as exc:
+                cluster.record_outcome(pool, 0, exc.code)
+                tried.append(pool.index)
+                if len(tried) >= min(len(cluster.pools), attempts):
+                    raise
 
     def retain(self, clusters: Iterable[UpstreamCluster]) -> None:
         """Keep the pools of `clusters` (the current config's); close the others."""

@@ -21,6 +21,7 @@ import pytest
 
 from .h2_support import H2Client, H2Origin, InProcessProxy, pattern
 from .http_support import Origin, chunked, cluster, delay, http_config, respond, route
+from .support import free_port
 
 NGHTTP = shutil.which("nghttp")
 H2LOAD = shutil.which("h2load")
@@ -407,6 +408,21 @@ def test_http10_clients_of_an_h2_upstream_get_a_body_that_ends_with_the_connecti
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head.lower()
     assert json.loads(body)["path"] == "/old"
+
+
+def test_http1_client_to_an_unreachable_h2_cluster_gets_502(proxies):
+    config = http_config([route("h2", "gone", prefix="/")],
+                         [cluster("gone", [f"127.0.0.1:{free_port()}"], protocol="http2")])
+    proxy = proxies(config)
+    sock = socket.create_connection(proxy.address, timeout=10)
+    try:
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 502 ") and b"x-meshproxy-error: connect_refused" in data
 
 
 def test_http1_client_to_a_resetting_h2_upstream_gets_502(h2_origin, proxies):
