@@ -592,7 +592,7 @@ class H2ServerConnection:
         if circuit is not None and not circuit.try_acquire(REQUESTS):
             return False
         try:
-            pool = cluster.pick((), None)
+            pool = cluster.pick((), cluster.hash_key(request.get, self.peer) if cluster.hash_on is not None else None)
         except (CircuitOpenError, NoHealthyUpstreamError):
             pool = None
         up = pool.take_idle() if pool is not None else None
@@ -1129,6 +1129,8 @@ class H2ServerConnection:
                         retrying: _Retrying | None) -> None:
         """Pick, connect and exchange until an answer, a failure to pass on, or the retries
         run out."""
+        # What a hashing balancer hashes (the same request goes to the same endpoint).
+        key = cluster.hash_key(stream.request.get, self.peer) if cluster.hash_on is not None else None
         tried: list[int] = []
         connect_failures = 0
         fresh_only = False
@@ -1138,7 +1140,7 @@ class H2ServerConnection:
                 pool, up, reused = sent.pool, sent.up, True
             else:
                 try:
-                    pool = cluster.pick(tried, None)
+                    pool = cluster.pick(tried, key)
                 except (CircuitOpenError, NoHealthyUpstreamError) as exc:
                     raise _UpstreamFailed(exc.status, exc.code) from exc
                 up = None if fresh_only else pool.take_idle()
@@ -1399,7 +1401,8 @@ class H2ServerConnection:
             try:
                 with trio.move_on_at(deadline) as stream.scope:
                     pool, upstream = await self.upstreams.open_stream(
-                        cluster, headers, no_body and stream.trailers is None, self.connect_attempts)
+                        cluster, headers, no_body and stream.trailers is None, self.connect_attempts,
+                        cluster.hash_key(stream.request.get, self.peer) if cluster.hash_on is not None else None)
             except ProxyError as exc:
                 raise _UpstreamFailed(exc.status, exc.code) from exc
             if stream.reset:

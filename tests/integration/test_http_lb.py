@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
+from .h2_support import H2Client
 from .http_support import (
     Origins,
     RawClient,
@@ -182,6 +183,24 @@ def test_hash_on_header_keeps_each_user_on_one_endpoint(meshproxy, origins, lb):
     proxy = meshproxy(lb_config(servers, lb, hash_on={"header": "x-user"}))
     users = [f"user-{i}" for i in range(40)]
     seen = _users_to_endpoints(proxy.address(), users, lambda u: ("X-User", u))
+    _assert_sticky_and_spread(seen, 3)
+
+
+@HASHING
+def test_hash_on_header_holds_for_http2_streams(meshproxy, origins, lb):
+    servers = named_origins(origins, "e0", "e1", "e2")
+    proxy = meshproxy(lb_config(servers, lb, hash_on={"header": "x-user"}))
+    users = [f"user-{i}" for i in range(40)]
+    seen: dict[str, set[str]] = defaultdict(set)
+    client = H2Client(proxy.address())
+    try:
+        for _ in range(3):
+            for user in users:
+                response = client.get("/", headers=[(b"x-user", user.encode())])
+                assert response.status == 200, response.headers
+                seen[user].add(bytes(response.body).decode())
+    finally:
+        client.close()
     _assert_sticky_and_spread(seen, 3)
 
 
