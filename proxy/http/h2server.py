@@ -9,10 +9,10 @@ the same path as an HTTP/1 request — route → route policies → cluster (cir
 pick) → endpoint → upstream — with the listener's `Http1Proxy` for the route table,
 clusters and stats of the config version in effect when the stream starts.
 
-The common request (no body, an HTTP/1 cluster, no route policies, an idle pooled
-connection) is sent upstream by the reader itself as it reads the client's frames; after
-one yield for the whole batch the reader reads the answers, and sends each one that is
-whole at once. Everything else, and the answers that are not in yet, go to a worker task
+The common request (no body, an HTTP/1 cluster, no route policies, no access log or
+tracing, an idle pooled connection) is sent upstream by the reader itself as it reads the
+client's frames; after one yield for the whole batch the reader reads the answers, and
+sends each one that is whole at once. Everything else, and the answers that are not in yet, go to a worker task
 of the connection; a worker that finishes its stream waits for the next one, so a stream
 costs a wake-up, not a task.
 
@@ -569,9 +569,10 @@ class H2ServerConnection:
     # -- plain requests, answered by the reader -------------------------------------------
     def _send_plain(self, stream: _Stream) -> bool:
         """A request without a body, to an HTTP/1 cluster with no route policies and an idle
-        pooled connection: sent upstream right here by the reader, which reads the answers
-        of all it sent in one pass after a yield (`_collect`). A stream costs no wake-up
-        and no task then. False (nothing done) for anything else: a worker serves it."""
+        pooled connection, on a listener with no observer: sent upstream right here by the
+        reader, which reads the answers of all it sent in one pass after a yield
+        (`_collect`). A stream costs no wake-up and no task then. False (nothing done) for
+        anything else: a worker serves it."""
         proxy = self.proxy
         request = stream.request
         if request.grpc or stream.received or proxy.observer is not None:
