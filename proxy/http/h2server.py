@@ -302,6 +302,16 @@ class _Outcome:
         self.address: str | None = None  # the endpoint's, for the access log
         self.upstream_time: float | None = None
 
+    def count_at(self, pool: EndpointPool) -> None:
+        """The exchange goes to `pool`'s endpoint now: active there (and no longer where a
+        failed try went)."""
+        if self.endpoint is not pool.stats:
+            if self.endpoint is not None:
+                self.endpoint.active -= 1
+            self.endpoint = pool.stats
+            self.address = pool.address_text
+            pool.stats.active += 1
+
 
 class H2ServerConnection:
     """One downstream HTTP/2 connection."""
@@ -1161,12 +1171,7 @@ class H2ServerConnection:
                     raise _UpstreamFailed(exc.status, exc.code) from exc
                 if up is None:
                     raise _UpstreamFailed(504, "upstream_timeout")
-            if outcome.endpoint is not pool.stats:
-                if outcome.endpoint is not None:
-                    outcome.endpoint.active -= 1
-                outcome.endpoint = pool.stats
-                outcome.address = pool.address_text
-                pool.stats.active += 1
+            outcome.count_at(pool)
             try:
                 keep = await self._h1_exchange(stream, up, head, chunked, not whole, reused, deadline, outcome,
                                                sent, retrying)
@@ -1412,12 +1417,7 @@ class H2ServerConnection:
                 raise StreamGone("reset by the client")
             if upstream is None:
                 raise _UpstreamFailed(504, "upstream_timeout")
-            if outcome.endpoint is not pool.stats:
-                if outcome.endpoint is not None:
-                    outcome.endpoint.active -= 1
-                outcome.endpoint = pool.stats
-                outcome.address = pool.address_text
-                pool.stats.active += 1
+            outcome.count_at(pool)
             try:
                 await self._h2_exchange(stream, upstream, no_body, deadline, outcome)
             except H2StreamError as exc:
