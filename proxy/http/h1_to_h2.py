@@ -21,6 +21,7 @@ import trio
 from .._core.h2msg import check_field
 from .._core.http1 import ChunkedScanner, ProtocolError, RequestHead
 from .._core.iobuf import RecvBuffer
+from ..upstream.h2pool import H2StreamError
 from .h2codec import CONNECTION_SPECIFIC, TrailerDecoder, h2_trailers
 from .local_reply import reason_phrase
 
@@ -140,7 +141,7 @@ async def send_response_body(stream: H2ClientStream, write: Callable[[bytes], Aw
             if check_field(name, value) is not None or name in _NOT_TRAILERS:
                 # Never written into the client's connection as it came (no field may
                 # smuggle a line break): the response ends here, unfinished.
-                raise ClientGone(f"upstream sent a bad trailer field {name[:64]!r}")
+                raise H2StreamError(f"upstream sent a bad trailer field {name[:64]!r}")
         trailer = b"".join(b"%s: %s\r\n" % field for field in trailers)
         await write(b"0\r\n" + trailer + b"\r\n")
 

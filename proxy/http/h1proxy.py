@@ -661,7 +661,7 @@ class Http1Proxy:
                 await self._reply(fd, out)
                 if not bodyless:
                     await h1_to_h2.send_response_body(stream, functools.partial(self._reply, fd), chunked, idle)
-            except (H2StreamError, TimeoutError, h1_to_h2.ClientGone, _ClientGone) as exc:
+            except (H2StreamError, TimeoutError, _ClientGone) as exc:
                 log.debug("%s: response from HTTP/2 upstream broke off: %s", self.listener.name, exc)
                 return False
             return keep
